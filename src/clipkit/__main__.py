@@ -1,0 +1,3 @@
+from clipkit.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""`clipkit` entry point: dispatches to one module per subcommand.
+
+Command modules keep heavy imports (torch, open_clip) inside `run`, so `clipkit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from clipkit import __version__
+from clipkit.errors import ClipkitError
+
+# name -> (module, one-line help). Listed here, not discovered, so the command set is explicit.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("clipkit.cli.export", "write a model in open_clip's local-dir layout"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipkit",
+        description="Train, evaluate, export and serve CLIP / SigLIP models built on open_clip.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.run(args) or 0
+    except ClipkitError as e:
+        print(f"clipkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Write a model in open_clip's local-dir layout, so `local-dir:DIR` loads it anywhere open_clip runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+
+from clipkit.errors import ClipkitError
+from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME, ModelBundle
+
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+def export_model(bundle: ModelBundle, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `open_clip_config.json` + `open_clip_model.safetensors` (+ HF tokenizer files) to `out_dir`.
+
+    The files are written into a temporary sibling directory that is renamed to `out_dir` when complete,
+    so an interrupted export never leaves a half-written model behind.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ClipkitError(
+            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        # .contiguous(): safetensors stores dense buffers; views (e.g. from transposes) must be copied.
+        tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+        safetensors.torch.save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        preprocess_cfg = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in bundle.preprocess_cfg.items()
+        }
+        config = {"model_cfg": bundle.model_cfg, "preprocess_cfg": preprocess_cfg}
+        (staging / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers travel with the model
+            bundle.tokenizer.save_pretrained(str(staging))
+        _apply_umask(staging)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes 0700 directories; give the result the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing `target` is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
