@@ -97,8 +97,8 @@ def test_text_output_labels_file_and_templates(model_dir, photos, tmp_path, caps
 
 
 def test_siglip_models_score_each_label_with_a_sigmoid(photos, tmp_path, capsys):
-    bundle = build_model(SMALL_MODEL, init_logit_scale=math.log(10), init_logit_bias=-10.0)
     torch.manual_seed(3)
+    bundle = build_model(SMALL_MODEL, init_logit_scale=math.log(10), init_logit_bias=-10.0)
     with torch.no_grad():
         for parameter in bundle.model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

@@ -12,8 +12,8 @@ from test_eval_datasets import CLASSNAMES, SMALL_MODEL, TEMPLATES
 
 @pytest.fixture(scope="module")
 def bundle():
+    torch.manual_seed(0)  # the initialisation too: tests see the same weights every run
     bundle = build_model(SMALL_MODEL)
-    torch.manual_seed(0)
     with torch.no_grad():
         for parameter in bundle.model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

@@ -165,6 +165,7 @@ def write_class_folders(
 
 def export_small_model(out: Path, *, seed: int = 0) -> Path:
     """The small towers with fixed random weights moved off their initialisation, exported for open_clip."""
+    torch.manual_seed(seed)  # the initialisation too: tests see the same weights every run
     bundle = build_model(SMALL_MODEL, init_logit_scale=math.log(1 / 0.07))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -46,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import torch.nn.functional as F
 
     from clipkit.errors import ClipkitError
-    from clipkit.eval import default_cache_dir, encode_images, load_or_build_zeroshot_classifier
+    from clipkit.eval import default_cache_dir, load_or_build_zeroshot_classifier
     from clipkit.eval.classifier import eval_mode
     from clipkit.eval.datasets import check_templates, read_classnames, read_templates
     from clipkit.eval.loader import read_image
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if not images:
             continue
         with torch.inference_mode(), eval_mode(model):
-            features = encode_images(model, torch.stack(images).to(device))  # (B, D)
+            features = F.normalize(model.encode_image(torch.stack(images).to(device)), dim=-1)  # (B, D)
             probabilities = label_probabilities(model, features, classifier)  # (B, L)
         values, indices = probabilities.topk(top_k, dim=1)
         for name, row_values, row_indices in zip(names, values.tolist(), indices.tolist(), strict=True):

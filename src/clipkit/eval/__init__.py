@@ -27,11 +27,12 @@ from clipkit.eval.metrics import (
     retrieval_metrics,
 )
 from clipkit.eval.zeroshot import (
+    RetrievalFeatures,
     ZeroshotResult,
-    encode_images,
-    encode_texts,
+    encode_retrieval_set,
     evaluate_retrieval,
     evaluate_zeroshot,
+    zeroshot_classification_counts,
     zeroshot_logits,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "EvalBatch",
     "EvalDataset",
     "EvalLoader",
+    "RetrievalFeatures",
     "SkippedImage",
     "ZeroshotResult",
     "build_zeroshot_classifier",
@@ -49,8 +51,7 @@ __all__ = [
     "classification_metrics",
     "classification_metrics_from_counts",
     "default_cache_dir",
-    "encode_images",
-    "encode_texts",
+    "encode_retrieval_set",
     "evaluate_retrieval",
     "evaluate_zeroshot",
     "load_or_build_zeroshot_classifier",
@@ -59,5 +60,6 @@ __all__ = [
     "read_classnames",
     "read_templates",
     "retrieval_metrics",
+    "zeroshot_classification_counts",
     "zeroshot_logits",
 ]
