@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from clipkit.cli.main import main
-from clipkit.models import build_model, export_model
+from clipkit.models import export_model
 from conftest import run_clipkit
-from test_eval_datasets import SMALL_MODEL, export_small_model, make_images
+from test_eval_datasets import export_small_model, make_images, small_model_bundle
 
 LABELS = ["cat", "dog", "bird", "fish"]
 
@@ -97,11 +97,7 @@ def test_text_output_labels_file_and_templates(model_dir, photos, tmp_path, caps
 
 
 def test_siglip_models_score_each_label_with_a_sigmoid(photos, tmp_path, capsys):
-    torch.manual_seed(3)
-    bundle = build_model(SMALL_MODEL, init_logit_scale=math.log(10), init_logit_bias=-10.0)
-    with torch.no_grad():
-        for parameter in bundle.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    bundle = small_model_bundle(seed=3, init_logit_scale=math.log(10), init_logit_bias=-10.0)
     model_dir = export_model(bundle, tmp_path / "siglip")
     image = photos / "photo1.jpg"
     code, captured = classify(

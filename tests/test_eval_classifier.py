@@ -6,18 +6,12 @@ import pytest
 import torch
 
 from clipkit.eval import build_zeroshot_classifier, class_prompts, load_or_build_zeroshot_classifier
-from clipkit.models import build_model
-from test_eval_datasets import CLASSNAMES, SMALL_MODEL, TEMPLATES
+from test_eval_datasets import CLASSNAMES, TEMPLATES, small_model_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle():
-    torch.manual_seed(0)  # the initialisation too: tests see the same weights every run
-    bundle = build_model(SMALL_MODEL)
-    with torch.no_grad():
-        for parameter in bundle.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return bundle
+    return small_model_bundle(seed=0)
 
 
 def reference_classifier(model, tokenizer, prompts_per_class):

@@ -163,15 +163,20 @@ def write_class_folders(
     return root
 
 
-def export_small_model(out: Path, *, seed: int = 0) -> Path:
-    """The small towers with fixed random weights moved off their initialisation, exported for open_clip."""
-    torch.manual_seed(seed)  # the initialisation too: tests see the same weights every run
-    bundle = build_model(SMALL_MODEL, init_logit_scale=math.log(1 / 0.07))
+def small_model_bundle(*, seed: int = 0, **build_options):
+    """The small towers with fixed random weights, moved off their initialisation (seeded end to end)."""
+    torch.manual_seed(seed)
+    bundle = build_model(SMALL_MODEL, **build_options)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in bundle.model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return export_model(bundle, out)
+    return bundle
+
+
+def export_small_model(out: Path, *, seed: int = 0) -> Path:
+    """`small_model_bundle` (CLIP logit scale) exported for open_clip."""
+    return export_model(small_model_bundle(seed=seed, init_logit_scale=math.log(1 / 0.07)), out)
 
 
 def labels_for(count: int, num_classes: int = len(CLASSNAMES)) -> list[int]:
@@ -358,6 +363,9 @@ def test_bad_templates_and_classnames_files_are_named(tmp_path):
     with pytest.raises(
         ClipkitError, match=r"per-class prompts are missing for 1 class\(es\), e.g. \['yellow star'\]"
     ):
+        open_eval_dataset(root, templates=per_class)
+    per_class.write_text("{'not': json}")
+    with pytest.raises(ClipkitError, match=r"cupl.json is not valid JSON \(Expecting property name"):
         open_eval_dataset(root, templates=per_class)
     names = tmp_path / "names.txt"
     names.write_text("a\n\nc\n")

@@ -20,11 +20,10 @@ from clipkit.eval import (
     retrieval_metrics,
     zeroshot_classification_counts,
 )
-from clipkit.models import build_model
 from test_eval_datasets import (
-    SMALL_MODEL,
     labels_for,
     make_images,
+    small_model_bundle,
     write_captioned_shards,
     write_clip_benchmark_dir,
 )
@@ -32,12 +31,7 @@ from test_eval_datasets import (
 
 @pytest.fixture(scope="module")
 def bundle():
-    torch.manual_seed(1)  # the initialisation too: tests see the same weights every run
-    bundle = build_model(SMALL_MODEL)
-    with torch.no_grad():
-        for parameter in bundle.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return bundle
+    return small_model_bundle(seed=1)
 
 
 @pytest.mark.parametrize("count,world_size", [(33, 3), (7, 9)])  # 9 ranks for 7 samples: two have none

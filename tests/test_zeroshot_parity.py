@@ -52,7 +52,8 @@ def model_dir(tmp_path_factory):
     return export_small_model(tmp_path_factory.mktemp("model") / "small")
 
 
-def run_clip_benchmark(model_dir, dataset_dir, task):
+def load_with_clip_benchmark(model_dir):
+    """The model, transform and tokenizer as `clip_benchmark eval --model local-dir:DIR` loads them."""
     model, transform, tokenizer = load_clip(
         model_type="open_clip",
         model_name=f"local-dir:{model_dir}",
@@ -60,7 +61,11 @@ def run_clip_benchmark(model_dir, dataset_dir, task):
         cache_dir=None,
         device="cpu",
     )
-    model.eval()
+    return model.eval(), transform, tokenizer
+
+
+def run_clip_benchmark(model_dir, dataset_dir, task):
+    model, transform, tokenizer = load_with_clip_benchmark(model_dir)
     dataset = build_dataset(
         "wds/generated", root=str(dataset_dir), transform=transform, split="test", task=task
     )
@@ -87,14 +92,7 @@ def run_clipkit_zeroshot(model_dir, dataset, tmp_path, *extra):
 
 
 def test_classifier_equals_clip_benchmarks(model_dir):
-    model, _, tokenizer = load_clip(
-        model_type="open_clip",
-        model_name=f"local-dir:{model_dir}",
-        pretrained=None,
-        cache_dir=None,
-        device="cpu",
-    )
-    model.eval()
+    model, _, tokenizer = load_with_clip_benchmark(model_dir)
     per_class = {
         name: [f"a photo of a {name}.", f"{name}, up close"][: 1 + i % 2] for i, name in enumerate(CLASSNAMES)
     }

@@ -99,12 +99,15 @@ def load_or_build_zeroshot_classifier(
     The key hashes the text tower's weights (every parameter and buffer outside `visual`), the
     tokenizer's settings, the class names, the templates and the precision.
     """
-    if cache_dir is None:
-        classifier = build_zeroshot_classifier(
+
+    def build() -> torch.Tensor:
+        return build_zeroshot_classifier(
             model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
             precision=precision, progress=progress,
         )  # fmt: skip
-        return CachedClassifier(classifier, None, False)
+
+    if cache_dir is None:
+        return CachedClassifier(build(), None, False)
     import safetensors.torch
 
     key = classifier_cache_key(model, tokenizer, classnames, templates, precision=precision)
@@ -116,10 +119,7 @@ def load_or_build_zeroshot_classifier(
                 return CachedClassifier(classifier.to(device), path, True)
         except Exception as e:  # a damaged cache file is rebuilt, never trusted
             log.warning("ignoring unreadable cached classifier %s (%s)", path, e)
-    classifier = build_zeroshot_classifier(
-        model, tokenizer, classnames, templates, device=device, batch_size=batch_size,
-        precision=precision, progress=progress,
-    )  # fmt: skip
+    classifier = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

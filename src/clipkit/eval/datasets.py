@@ -158,11 +158,9 @@ def open_eval_dataset(
 def read_classnames(path: str | Path) -> list[str]:
     """One class name per line (line i names label i), as CLIP_benchmark's classnames.txt; or a JSON list."""
     path = Path(path)
-    if not path.is_file():
-        raise ClipkitError(f"class names file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        names = json.loads(text)
+    text, parsed = _read_text_or_json(path, "class names")
+    if parsed is not None:
+        names = parsed
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ClipkitError(f"{path}: a JSON class names file must hold a list of strings")
         return names
@@ -180,11 +178,8 @@ def read_classnames(path: str | Path) -> list[str]:
 def read_templates(path: str | Path) -> list[str] | dict[str, list[str]]:
     """Templates with `{c}`, one per line (blank lines ignored); or JSON: a list, or class -> prompts."""
     path = Path(path)
-    if not path.is_file():
-        raise ClipkitError(f"templates file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        templates = json.loads(text)
+    text, templates = _read_text_or_json(path, "templates")
+    if templates is not None:
         if isinstance(templates, dict):
             return {str(k): list(v) for k, v in templates.items()}
         if isinstance(templates, list):
@@ -194,6 +189,19 @@ def read_templates(path: str | Path) -> list[str] | dict[str, list[str]]:
     if not templates:
         raise ClipkitError(f"{path} holds no templates; write one per line with {{c}} for the class name")
     return templates
+
+
+def _read_text_or_json(path: Path, what: str) -> tuple[str, Any]:
+    """The file's text, and its parsed value when it is a .json file (else None)."""
+    if not path.is_file():
+        raise ClipkitError(f"{what} file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".json":
+        return text, None
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClipkitError(f"{path} is not valid JSON ({e})") from None
 
 
 def check_templates(
