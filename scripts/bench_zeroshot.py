@@ -28,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "open_clip": metadata.version("open_clip_torch"),
+            "clip_benchmark": metadata.version("clip_benchmark"),
             "torch_threads": torch.get_num_threads(),
             "device": args.device,
         },

@@ -374,3 +374,7 @@ def test_bad_templates_and_classnames_files_are_named(tmp_path):
     cb = write_clip_benchmark_dir(tmp_path / "cb", make_images(2), captions=[["x"], ["y"]])
     with pytest.raises(ClipkitError, match="is a CLIP_benchmark retrieval dataset .*--task retrieval"):
         open_eval_dataset(cb, task="classification")
+    with pytest.raises(
+        ClipkitError, match=r"has no split 'val' \(val/nshards.txt\); it has: test. Pass --split"
+    ):
+        open_eval_dataset(cb, split="val")

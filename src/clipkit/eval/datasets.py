@@ -114,6 +114,11 @@ def open_eval_dataset(
     path = Path(text)
     if path.is_dir() and (path / split / NSHARDS_FILE).is_file():
         dataset = _open_clip_benchmark_dir(path, split=split, task=task)
+    elif path.is_dir() and sorted(path.glob(f"*/{NSHARDS_FILE}")):
+        found = ", ".join(p.parent.name for p in sorted(path.glob(f"*/{NSHARDS_FILE}")))
+        raise ClipkitError(
+            f"{text} has no split '{split}' ({split}/{NSHARDS_FILE}); it has: {found}. Pass --split"
+        )
     elif path.is_dir() and (path / NSHARDS_FILE).is_file() and (path.parent / CLASSNAMES_FILE).is_file():
         # The split folder of a CLIP_benchmark directory, named directly.
         dataset = _open_clip_benchmark_dir(path.parent, split=path.name, task=task)
