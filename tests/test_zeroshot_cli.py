@@ -89,7 +89,7 @@ def test_every_layout_gives_the_same_metrics(model_dir, data, tmp_path, capsys):
 def test_text_classifier_is_cached_and_the_confusion_matrix_plotted(model_dir, data, tmp_path, capsys):
     args = [
         "--model",
-        str(model_dir),
+        f"local-dir:{model_dir}",  # open_clip's spelling of a model directory
         "--dataset",
         str(data["cb"]),
         "--plot",
