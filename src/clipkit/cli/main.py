@@ -16,6 +16,8 @@ from clipkit.errors import ClipkitError
 # name -> (module, one-line help). Listed here, not discovered, so the command set is explicit.
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("clipkit.cli.export", "write a model in open_clip's local-dir layout"),
+    "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),
+    "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
 }
 
 
