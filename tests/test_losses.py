@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from clipkit.configs import config_dir
 from clipkit.errors import ClipkitError
-from clipkit.losses import ClipLoss, SigLipLoss, siglip_chunk_grads, siglip_chunk_loss
+from clipkit.losses import ClipLoss, SigLipLoss, accumulate_siglip_chunk_grads, siglip_chunk_loss
 from conftest import REPO_ROOT
 
 BATCH, DIM = 48, 32
@@ -129,21 +129,34 @@ def test_identical_features_at_scale_100_are_finite(loss, dtype):
 
 @pytest.mark.parametrize("with_positives", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_siglip_chunk_grads_equal_autograd(with_positives, with_bias):
+def test_siglip_chunk_backward_equals_autograd(with_positives, with_bias):
     image, text = features(batch=16, dim=8, seed=3)
     text = text[torch.randperm(16, generator=torch.Generator().manual_seed(1))]
-    leaves = [image.requires_grad_(), text.requires_grad_(), torch.tensor(7.0, dtype=torch.float64)]
-    leaves.append(torch.tensor(-2.0, dtype=torch.float64) if with_bias else None)
-    for leaf in leaves[2:]:
-        if leaf is not None:
-            leaf.requires_grad_()
-    siglip_chunk_loss(*leaves, with_positives=with_positives).backward()
-    with torch.no_grad():
-        grads = siglip_chunk_grads(*leaves, with_positives=with_positives)
-    for leaf, grad in zip(leaves, grads, strict=True):
-        assert (leaf is None) == (grad is None)
-        if leaf is not None:
-            torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-12)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    bias = torch.tensor(-2.0, dtype=torch.float64) if with_bias else None
+    leaves = [t if t is None else t.clone().requires_grad_() for t in (image, text, scale, bias)]
+    weight = torch.tensor(0.3, dtype=torch.float64)
+    (weight * siglip_chunk_loss(*leaves, with_positives=with_positives)).backward()
+
+    # Accumulates into the buffers it is given, on top of what they hold.
+    grad_image, grad_text = torch.ones_like(image), torch.full_like(text, 2.0)
+    grad_scale, grad_bias = accumulate_siglip_chunk_grads(
+        image,
+        text,
+        scale,
+        bias,
+        with_positives=with_positives,
+        grad_weight=weight,
+        grad_image=grad_image,
+        grad_text=grad_text,
+    )
+    expected = [leaf.grad for leaf in leaves[:3]] + [None if bias is None else leaves[3].grad]
+    torch.testing.assert_close(grad_image - 1, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_text - 2, expected[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_scale, expected[2], rtol=1e-12, atol=1e-12)
+    assert (grad_bias is None) == (bias is None)
+    if bias is not None:
+        torch.testing.assert_close(grad_bias, expected[3], rtol=1e-12, atol=1e-12)
 
 
 def saved_for_backward(loss_fn, image, text, scale, bias) -> list[torch.Size]:

@@ -6,14 +6,19 @@ math lives in the pure functions beside them. Nothing here imports Accelerate or
 
 from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.clip import ClipLoss, clip_loss_local
-from clipkit.losses.siglip import SigLipLoss, siglip_chunk_grads, siglip_chunk_loss, siglip_loss_ring
+from clipkit.losses.siglip import (
+    SigLipLoss,
+    accumulate_siglip_chunk_grads,
+    siglip_chunk_loss,
+    siglip_loss_ring,
+)
 
 __all__ = [
     "ClipLoss",
     "ContrastiveLoss",
     "SigLipLoss",
     "clip_loss_local",
-    "siglip_chunk_grads",
+    "accumulate_siglip_chunk_grads",
     "siglip_chunk_loss",
     "siglip_loss_ring",
 ]

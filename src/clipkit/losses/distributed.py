@@ -93,30 +93,30 @@ class Ring:
     def right(self) -> int:
         return self._global((self.rank + 1) % self.world_size)
 
-    def start_shift(self, tensor: torch.Tensor, *, tag: int = 0) -> PendingShift:
-        """Send `tensor` to the right neighbour and receive the left one's into a new buffer.
+    def start_shift(self, *tensors: torch.Tensor) -> PendingShift:
+        """Send `tensors` to the right neighbour and receive the left one's into new buffers.
 
-        Every rank posts its send and its receive together (batch_isend_irecv), so no ordering of
-        ranks can deadlock. Gloo matches messages by tag; different tags keep concurrent shifts apart.
+        Every rank posts all its sends and receives in one batch_isend_irecv, so no ordering of ranks
+        can deadlock; the tag tells the tensors apart (gloo matches by tag, NCCL by order).
         """
-        sent = tensor.contiguous()
-        received = torch.empty_like(sent)
-        ops = [
-            dist.P2POp(dist.isend, sent, self.right, group=self.group, tag=tag),
-            dist.P2POp(dist.irecv, received, self.left, group=self.group, tag=tag),
-        ]
+        sent = [tensor.contiguous() for tensor in tensors]
+        received = [torch.empty_like(tensor) for tensor in sent]
+        ops = []
+        for tag, (outgoing, incoming) in enumerate(zip(sent, received, strict=True)):
+            ops.append(dist.P2POp(dist.isend, outgoing, self.right, group=self.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, incoming, self.left, group=self.group, tag=tag))
         return PendingShift(dist.batch_isend_irecv(ops), sent, received)
 
 
 @dataclass
 class PendingShift:
-    """A shift in flight; `wait()` returns the tensor received from the left neighbour."""
+    """A shift in flight; `wait()` returns the tensors received from the left neighbour."""
 
     requests: list
-    sent: torch.Tensor  # held until the send completes
-    received: torch.Tensor
+    sent: list[torch.Tensor]  # held until the sends complete
+    received: list[torch.Tensor]
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> list[torch.Tensor]:
         for request in self.requests:
             request.wait()
         return self.received

@@ -16,9 +16,6 @@ import torch.nn.functional as F
 from clipkit.losses.base import ContrastiveLoss, upcast_inputs
 from clipkit.losses.distributed import Ring
 
-# Gloo matches point-to-point messages by tag: texts and their gradients move in separate streams.
-_TEXT_TAG, _GRAD_TAG = 0, 1
-
 
 def _signed_logits(
     image_features: torch.Tensor,
@@ -56,32 +53,41 @@ def siglip_chunk_loss(
     signed = _signed_logits(
         image_features, text_features, logit_scale, logit_bias, with_positives=with_positives
     )
-    return F.softplus(signed).sum()
+    # softplus a quarter of the rows at a time: a quarter-chunk temporary rather than a second chunk
+    return sum(F.softplus(rows).sum() for rows in signed.chunk(4))
 
 
-def siglip_chunk_grads(
+def accumulate_siglip_chunk_grads(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None,
     *,
     with_positives: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of `siglip_chunk_loss` w.r.t. (image_features, text_features, logit_scale, logit_bias).
+    grad_weight: torch.Tensor,
+    grad_image: torch.Tensor,
+    grad_text: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward of `grad_weight * siglip_chunk_loss(...)`, recomputing the chunk's logits.
 
-    Recomputes the chunk's logits z = s * I T^T + bias; d softplus(-y z) / dz = -y sigmoid(-y z).
+    Adds the gradients w.r.t. image_features into grad_image (b, D) and w.r.t. text_features into
+    grad_text (b', D), in place so that a chunk's backward holds one (b, b') and one (b, D)
+    temporary; returns the gradients w.r.t. logit_scale and logit_bias (None without a bias).
+    With z = s * I T^T + bias: d softplus(-y z) / dz = -y sigmoid(-y z).
     """
     grad_logits = torch.sigmoid_(
         _signed_logits(image_features, text_features, logit_scale, logit_bias, with_positives=with_positives)
-    )  # (b, b) = sigmoid(-y z)
+    )  # (b, b') = sigmoid(-y z)
     if with_positives:
         grad_logits.diagonal().neg_()  # times -y: -1 on the diagonal, +1 elsewhere
-    grad_logits_text = grad_logits @ text_features  # (b, D) = dL/d(scale * image_features)
-    grad_image = logit_scale * grad_logits_text  # (b, D)
-    grad_text = grad_logits.T @ (logit_scale * image_features)  # (b', D)
-    grad_scale = (grad_logits_text * image_features).sum()  # sum_ij G_ij <I_i, T_j>
+    grad_logits.mul_(grad_weight)  # dL/dz
     grad_bias = None if logit_bias is None else grad_logits.sum()
-    return grad_image, grad_text, grad_scale, grad_bias
+    grad_logits_text = grad_logits @ text_features  # (b, D): dL/d(s * I)
+    grad_scale = torch.dot(grad_logits_text.flatten(), image_features.flatten())  # sum_ij dL/dz_ij <I_i, T_j>
+    grad_image.addcmul_(grad_logits_text, logit_scale)
+    del grad_logits_text
+    grad_text.addmm_(grad_logits.mul_(logit_scale).T, image_features)  # (b', D): s * (dL/dz)^T I
+    return grad_scale, grad_bias
 
 
 class _SigLipRingLoss(torch.autograd.Function):
@@ -96,42 +102,49 @@ class _SigLipRingLoss(torch.autograd.Function):
         for step in range(ring.world_size):
             last = step == ring.world_size - 1
             # Post the next shift before computing, so the transfer overlaps the chunk's matmul.
-            pending = None if last else ring.start_shift(texts, tag=_TEXT_TAG)
+            pending = None if last else ring.start_shift(texts)
             loss += siglip_chunk_loss(
                 image_features, texts, logit_scale, logit_bias, with_positives=step == 0
             )
             if pending is not None:
-                texts = pending.wait()
+                (texts,) = pending.wait()
         return loss / image_features.shape[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
         image_features, text_features, logit_scale, logit_bias = ctx.saved_tensors
         ring: Ring = ctx.ring
-        # This rank's loss was scaled by grad_loss / b: apply it before gradients leave the rank.
-        weight = grad_loss / image_features.shape[0]
+        # This rank's loss is divided by b and scaled by grad_loss: weight its terms before their
+        # gradients leave for other ranks.
+        grad_weight = grad_loss / image_features.shape[0]
         grad_image = torch.zeros_like(image_features)  # (b, D)
         grad_scale = torch.zeros_like(logit_scale)
         grad_bias = None if logit_bias is None else torch.zeros_like(logit_bias)
-        texts = text_features
-        grad_texts = torch.zeros_like(text_features)  # gradient for `texts`, summed over ranks visited
+        texts = text_features  # step k holds the texts of rank - k ...
+        grad_texts = torch.zeros_like(text_features)  # ... and their gradient from the ranks they visited
         for step in range(ring.world_size):
-            last = step == ring.world_size - 1
-            pending_texts = None if last else ring.start_shift(texts, tag=_TEXT_TAG)
-            chunk_image, chunk_text, chunk_scale, chunk_bias = siglip_chunk_grads(
-                image_features, texts, logit_scale, logit_bias, with_positives=step == 0
+            chunk_scale, chunk_bias = accumulate_siglip_chunk_grads(
+                image_features,
+                texts,
+                logit_scale,
+                logit_bias,
+                with_positives=step == 0,
+                grad_weight=grad_weight,
+                grad_image=grad_image,
+                grad_text=grad_texts,
             )
-            grad_image += weight * chunk_image
-            grad_texts += weight * chunk_text
-            grad_scale += weight * chunk_scale.reshape(grad_scale.shape)
+            grad_scale += chunk_scale.reshape(grad_scale.shape)
             if grad_bias is not None:
-                grad_bias += weight * chunk_bias.reshape(grad_bias.shape)
-            # The gradient follows its texts to the right; after the last step the block we hold
-            # belongs to our right neighbour and has been through every rank: one more hop home.
-            if ring.world_size > 1:
-                grad_texts = ring.start_shift(grad_texts, tag=_GRAD_TAG).wait()
-            if pending_texts is not None:
-                texts = pending_texts.wait()
+                grad_bias += chunk_bias.reshape(grad_bias.shape)
+            if ring.world_size == 1:
+                break
+            # The gradient follows its texts to the right. Unlike the forward, the transfer does not
+            # overlap the matmuls: that would hold two more (b, D) blocks beside the (b, b) chunk.
+            if step < ring.world_size - 1:
+                texts, grad_texts = ring.start_shift(texts, grad_texts).wait()
+            else:
+                # The block we hold belongs to our right neighbour and has been through every rank.
+                (grad_texts,) = ring.start_shift(grad_texts).wait()
         return grad_image, grad_texts, grad_scale, grad_bias, None
 
 
@@ -182,4 +195,4 @@ class SigLipLoss(ContrastiveLoss):
         rank, world_size = self.process_layout()
         image, text, scale, bias = upcast_inputs(image_features, text_features, logit_scale, logit_bias)
         ring = Ring(rank=rank, world_size=world_size, group=self.group)
-        return siglip_loss_ring(image, text.contiguous(), scale, bias, ring=ring)
+        return siglip_loss_ring(image.contiguous(), text.contiguous(), scale, bias, ring=ring)
