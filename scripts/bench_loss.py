@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096], help="local batch b")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], help="processes W")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension D")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward + backward passes per loss")
+    parser.add_argument("--repeats", type=int, default=2, help="timed forward + backward passes per loss")
     parser.add_argument(
         "--cores", type=int, default=os.cpu_count() or 1, help="threads shared by the W processes"
     )

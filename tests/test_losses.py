@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 
 import open_clip.loss
@@ -48,14 +50,15 @@ def features(batch=BATCH, dim=DIM, seed=0):
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
-def value_and_grads(loss_fn, image, text, scale, bias):
+def value_and_grads(loss_fn, image, text, scale, bias, forward_context=contextlib.nullcontext):
     """Loss and gradients w.r.t. image and text features, scale and bias, in the inputs' dtypes."""
     leaves = [image.clone().requires_grad_(), text.clone().requires_grad_()]
     # The model's logit parameters stay float32 under mixed precision (float64 for the references).
     dtype = torch.promote_types(image.dtype, torch.float32)
     leaves.append(torch.tensor(scale, dtype=dtype, requires_grad=True))
     leaves.append(None if bias is None else torch.tensor(bias, dtype=dtype, requires_grad=True))
-    loss = loss_fn(*leaves)
+    with forward_context():
+        loss = loss_fn(*leaves)
     loss.backward()
     return [loss.detach()] + [None if leaf is None else leaf.grad for leaf in leaves]
 
@@ -109,6 +112,19 @@ def test_half_precision_features_get_float32_math(loss, dtype):
     for ours_grad, reference_grad in zip(ours[1:3], reference[1:3], strict=True):
         # the gradient itself is rounded to the features' dtype on the way out
         torch.testing.assert_close(ours_grad, reference_grad.to(dtype))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_autocast_does_not_lower_the_loss_precision(loss):
+    # Under autocast the matmuls would run in bf16; the loss turns it off for its own math. (As
+    # PyTorch advises, backward runs outside the autocast region, like Accelerate's does.)
+    image, text = (f.float() for f in features())
+    scale, bias = START[loss]
+    bias = -3.0 if bias is None else bias
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    ours = value_and_grads(OURS[loss](init_logit_scale=0.0), image, text, scale, bias, autocast)
+    reference = value_and_grads(REFERENCE[loss], image.double(), text.double(), scale, bias)
+    assert_all_close(ours, reference)
 
 
 @pytest.mark.parametrize(

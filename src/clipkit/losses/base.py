@@ -51,6 +51,32 @@ class ContrastiveLoss(torch.nn.Module):
         """(rank, world_size) for this call."""
         return process_layout(self.group, self.rank, self.world_size, loss_name=type(self).__name__)
 
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """This rank's loss on its (b, D) features; `logit_scale` already exponentiated."""
+        rank, world_size = self.process_layout()
+        image, text, scale, bias = upcast_inputs(image_features, text_features, logit_scale, logit_bias)
+        # Autocast would send the matmuls back to bf16/fp16: the loss keeps its own precision.
+        with torch.autocast(image.device.type, enabled=False):
+            return self.loss_on_this_rank(image, text, scale, bias, rank=rank, world_size=world_size)
+
+    def loss_on_this_rank(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+        *,
+        rank: int,
+        world_size: int,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (
             f"init_logit_scale={self.init_logit_scale}, init_logit_bias={self.init_logit_bias}, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipkit.losses.base import ContrastiveLoss, upcast_inputs
+from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import all_gather_with_grad
 
 
@@ -58,20 +58,22 @@ class ClipLoss(ContrastiveLoss):
     gather_with_grad drops the other ranks' terms from the feature gradients and is not exact.
     """
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-        logit_bias: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        rank, world_size = self.process_layout()
-        image, text, scale, bias = upcast_inputs(image_features, text_features, logit_scale, logit_bias)
+    def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         if world_size == 1:
-            all_image, all_text = image, text
+            all_image, all_text = image_features, text_features
         else:
-            all_image = all_gather_with_grad(image, group=self.group, world_size=world_size)  # (W*b, D)
-            all_text = all_gather_with_grad(text, group=self.group, world_size=world_size)  # (W*b, D)
+            all_image = all_gather_with_grad(
+                image_features, group=self.group, world_size=world_size
+            )  # (W*b, D)
+            all_text = all_gather_with_grad(
+                text_features, group=self.group, world_size=world_size
+            )  # (W*b, D)
         return clip_loss_local(
-            image, text, all_image, all_text, scale, bias, first_label=rank * image.shape[0]
+            image_features,
+            text_features,
+            all_image,
+            all_text,
+            logit_scale,
+            logit_bias,
+            first_label=rank * image_features.shape[0],
         )

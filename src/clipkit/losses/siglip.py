@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipkit.losses.base import ContrastiveLoss, upcast_inputs
+from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import Ring
 
 
@@ -112,6 +112,12 @@ class _SigLipRingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # backward() may be called inside an autocast region; the recomputation stays in float32.
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return _SigLipRingLoss._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         image_features, text_features, logit_scale, logit_bias = ctx.saved_tensors
         ring: Ring = ctx.ring
         # This rank's loss is divided by b and scaled by grad_loss: weight its terms before their
@@ -185,14 +191,8 @@ class SigLipLoss(ContrastiveLoss):
     (the backward pass communicates too).
     """
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor | float,
-        logit_bias: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        rank, world_size = self.process_layout()
-        image, text, scale, bias = upcast_inputs(image_features, text_features, logit_scale, logit_bias)
+    def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         ring = Ring(rank=rank, world_size=world_size, group=self.group)
-        return siglip_loss_ring(image.contiguous(), text.contiguous(), scale, bias, ring=ring)
+        return siglip_loss_ring(
+            image_features.contiguous(), text_features.contiguous(), logit_scale, logit_bias, ring=ring
+        )
