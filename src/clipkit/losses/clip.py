@@ -61,13 +61,9 @@ class ClipLoss(ContrastiveLoss):
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         if world_size == 1:
             all_image, all_text = image_features, text_features
-        else:
-            all_image = all_gather_with_grad(
-                image_features, group=self.group, world_size=world_size
-            )  # (W*b, D)
-            all_text = all_gather_with_grad(
-                text_features, group=self.group, world_size=world_size
-            )  # (W*b, D)
+        else:  # (W*b, D) each, rank r's rows at [r*b, (r+1)*b)
+            all_image = all_gather_with_grad(image_features, group=self.group, world_size=world_size)
+            all_text = all_gather_with_grad(text_features, group=self.group, world_size=world_size)
         return clip_loss_local(
             image_features,
             text_features,
