@@ -124,7 +124,7 @@ def test_digits_config_points_at_its_test_split_for_zero_shot(tmp_path, monkeypa
     cfg = prepare_data(DataConfig.from_dict(_compose_data("digits")))
     root = tmp_path / "datasets" / "digits-seed0-32px"
     assert cfg.zeroshot_dataset == str(root) and (root / "test" / "nshards.txt").is_file()
-    assert [len(s) for s in cfg.train_sources] == [2]
+    assert [len(s) for s in cfg.train_sources] == [1]
 
 
 def _prepare_in_child(values, queue):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipkit.data import DataConfig
 from clipkit.models import build_model
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, run_clipkit, subprocess_env
 
 
 def data_section() -> str:
@@ -66,14 +66,7 @@ def test_data_section_commands_and_snippets_run(tmp_path):
     for command in commands:
         argv = shlex.split(command)
         assert argv[0] == "clipkit", command
-        result = subprocess.run(
-            [sys.executable, "-m", "clipkit", *argv[1:]],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = run_clipkit(*argv[1:], cwd=tmp_path)
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
     assert (tmp_path / "data" / "pets" / "test" / "nshards.txt").is_file()
     assert (tmp_path / "data" / "shapes-tokenizer" / "spiece.model").is_file()

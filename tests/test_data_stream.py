@@ -200,10 +200,14 @@ def test_empty_truncated_and_broken_shards_are_skipped_and_training_goes_on(tmp_
     assert caplog.text.count("skipping shard") == 3
 
 
-def test_unreadable_sources_fail_loudly_instead_of_hanging(tmp_path):
+def test_sources_with_nothing_usable_fail_loudly_instead_of_hanging(tmp_path):
     write_samples(tmp_path / "empty.tar", [])
     stream = make_stream(str(tmp_path / "empty.tar"), batch_size=2, workers=0)
     with pytest.raises(ClipkitError, match="no samples for 16 epochs"):
+        take(stream, 1)
+    write_samples(tmp_path / "bad.tar", [{"__key__": f"k{i}", "png": b"junk", "txt": "x"} for i in range(3)])
+    stream = make_stream(str(tmp_path / "bad.tar"), batch_size=2, workers=0)
+    with pytest.raises(ClipkitError, match="no usable sample for 16 epochs"):
         take(stream, 1)
 
 

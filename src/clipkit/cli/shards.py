@@ -105,7 +105,7 @@ def _write_generated(args: argparse.Namespace, out: Path) -> dict[str, int]:
 
 def _write_from_input(args: argparse.Namespace, out: Path) -> int:
     from clipkit.data.inputs import detect_kind, read_caption_folder, read_class_folders, read_table
-    from clipkit.data.writer import TEST_LAYOUT, TRAIN_LAYOUT, ImageOptions, write_split, write_zeroshot_files
+    from clipkit.data.writer import TRAIN_LAYOUT, ImageOptions, write_classification_dataset, write_split
 
     source = Path(args.input).expanduser()
     kind = detect_kind(source) if args.kind == "auto" else args.kind
@@ -119,29 +119,32 @@ def _write_from_input(args: argparse.Namespace, out: Path) -> int:
     else:
         test_fraction = 0.2 if args.test_fraction is None else args.test_fraction
         inputs = read_class_folders(source, templates=templates, test_fraction=test_fraction, seed=args.seed)
-    options = ImageOptions(max_side=args.max_side, format=args.format, quality=args.quality)
-    info = {"input": str(source), "kind": kind}
-    splits = [("train", TRAIN_LAYOUT, inputs.train)]
-    if inputs.classnames is not None:
-        splits.append(("test", TEST_LAYOUT, inputs.test))
-    failed = list(inputs.failed)
-    for split, layout, records in splits:
-        directory = out / split if inputs.classnames is not None else out
-        result = write_split(
-            records,
-            directory,
-            layout=layout,
-            samples_per_shard=args.samples_per_shard,
-            image_options=options,
-            workers=args.workers,
-            info=info,
-            failed_inputs=inputs.failed if split == "train" else (),
+    options = {
+        "samples_per_shard": args.samples_per_shard,
+        "image_options": ImageOptions(max_side=args.max_side, format=args.format, quality=args.quality),
+        "workers": args.workers,
+        "info": {"input": str(source), "kind": kind},
+    }
+    if inputs.classnames is None:
+        results = {
+            "train": write_split(
+                inputs.train, out, layout=TRAIN_LAYOUT, failed_inputs=inputs.failed, **options
+            )
+        }
+    else:
+        results = write_classification_dataset(
+            out,
+            train=inputs.train,
+            test=inputs.test,
+            classnames=inputs.classnames,
+            templates=templates,
+            **options,
         )
-        failed.extend(result.failed)
-        print(f"{split}: {result.samples} samples in {len(result.shards)} shards -> {directory}")
-    if inputs.classnames is not None:
-        write_zeroshot_files(out, inputs.classnames, templates)
         print(f"{len(inputs.classnames)} classes: {out / 'classnames.txt'}")
+    failed = list(inputs.failed)
+    for split, result in results.items():
+        failed.extend(result.failed)
+        print(f"{split}: {result.samples} samples in {len(result.shards)} shards")
     if failed:
         print(f"{len(failed)} inputs could not be used (listed in _info.json), for example:")
         for item in failed[:5]:

@@ -13,14 +13,7 @@ import numpy as np
 from PIL import Image
 
 from clipkit.data.stream import stable_seed
-from clipkit.data.writer import (
-    TEST_LAYOUT,
-    TRAIN_LAYOUT,
-    ImageOptions,
-    Record,
-    write_split,
-    write_zeroshot_files,
-)
+from clipkit.data.writer import ImageOptions, Record, write_classification_dataset
 from clipkit.errors import ClipkitError
 
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -74,39 +67,38 @@ def write_digits_dataset(
     seed: int = 0,
     test_fraction: float = 0.3,
     image_size: int = 32,
-    samples_per_shard: int = 1000,
+    samples_per_shard: int = 2000,
     workers: int = 1,
 ) -> dict[str, int]:
-    """Write the digits in the shared layout (train/, test/, classnames, templates); sample counts."""
+    """Write the digits in the shared layout (train/, test/, classnames, templates); sample counts.
+
+    One training shard by default: every reader then keeps its own blocks of it, which balances any
+    number of processes x workers (a few shards of unequal size would not).
+    """
     images, labels = load_digits_arrays()
     train, test = split_indices(labels, test_fraction=test_fraction, seed=seed)
-    out_dir = Path(out_dir)
-    counts = {}
-    for split, layout, indices in (("train", TRAIN_LAYOUT, train), ("test", TEST_LAYOUT, test)):
-        records = []
+    records = {}
+    for split, indices in (("train", train), ("test", test)):
+        records[split] = []
         for position, index in enumerate(indices):
             label = int(labels[index])
             rng = random.Random(stable_seed(seed, "digits-caption", split, index))
             caption = rng.choice(CAPTION_TEMPLATES).format(name=CLASSNAMES[label], numeral=label)
-            records.append(
-                Record(
-                    key=f"{position:09d}",
-                    caption=caption,
-                    label=label,
-                    meta={"label": label, "classname": CLASSNAMES[label], "sklearn_index": int(index)},
-                    payload=(images[index].tolist(), image_size),
-                )
+            meta = {"label": label, "classname": CLASSNAMES[label], "sklearn_index": int(index)}
+            payload = (images[index].tolist(), image_size)
+            records[split].append(
+                Record(key=f"{position:09d}", caption=caption, label=label, meta=meta, payload=payload)
             )
-        result = write_split(
-            records,
-            out_dir / split,
-            layout=layout,
-            samples_per_shard=samples_per_shard,
-            image_options=ImageOptions(format="png"),
-            workers=workers,
-            load_image=render,
-            info={"dataset": "scikit-learn digits", "seed": seed, "image_size": image_size},
-        )
-        counts[split] = result.samples
-    write_zeroshot_files(out_dir, CLASSNAMES, ZEROSHOT_TEMPLATES)
-    return counts
+    results = write_classification_dataset(
+        out_dir,
+        train=records["train"],
+        test=records["test"],
+        classnames=CLASSNAMES,
+        templates=ZEROSHOT_TEMPLATES,
+        load_image=render,
+        samples_per_shard=samples_per_shard,
+        image_options=ImageOptions(format="png"),
+        workers=workers,
+        info={"dataset": "scikit-learn digits", "seed": seed, "image_size": image_size},
+    )
+    return {split: result.samples for split, result in results.items()}

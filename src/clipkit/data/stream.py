@@ -279,6 +279,7 @@ class _BatchProducer(torch.utils.data.IterableDataset):
             for index, urls in enumerate(self.sources)
         ]
         streams = [iter(r) for r in readers]
+        last_good_epoch = [position["epoch"] for position in state["sources"]]
         chooser = None
         if len(readers) > 1:
             chooser = _SourceChooser(self.weights, seed=self.seed, reader=reader, draws=state["draws"])
@@ -293,7 +294,13 @@ class _BatchProducer(torch.utils.data.IterableDataset):
                         image, caption = decode_sample(sample)
                     except ValueError as e:
                         report(url, key, str(e))
+                        if epoch - last_good_epoch[source] >= MAX_EMPTY_EPOCHS:
+                            raise ClipkitError(
+                                f"source {source} (first shard {readers[source].urls[0]}) gave reader {reader} "
+                                f"no usable sample for {MAX_EMPTY_EPOCHS} epochs: every image or caption is bad"
+                            ) from None
                         continue
+                    last_good_epoch[source] = epoch
                     seed_sample_rngs(self.seed, epoch, url, key)
                     images.append(self.transform(image))
                     captions.append(caption)

@@ -15,14 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipkit.data.stream import stable_seed
-from clipkit.data.writer import (
-    TEST_LAYOUT,
-    TRAIN_LAYOUT,
-    ImageOptions,
-    Record,
-    write_split,
-    write_zeroshot_files,
-)
+from clipkit.data.writer import ImageOptions, Record, write_classification_dataset
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -125,24 +118,24 @@ def write_synthetic_dataset(
     train_samples: int = 20000,
     test_samples: int = 1000,
     image_size: int = 64,
-    samples_per_shard: int = 2000,
+    samples_per_shard: int = 1250,
     workers: int = 1,
 ) -> dict[str, int]:
-    """Write the dataset in the shared layout (train/, test/, classnames, templates); sample counts."""
-    out_dir = Path(out_dir)
-    counts = {}
-    for split, layout, count in (("train", TRAIN_LAYOUT, train_samples), ("test", TEST_LAYOUT, test_samples)):
-        records = [describe_sample(seed, split, i, image_size) for i in range(count)]
-        result = write_split(
-            records,
-            out_dir / split,
-            layout=layout,
-            samples_per_shard=samples_per_shard,
-            image_options=ImageOptions(format="jpg", quality=90),
-            workers=workers,
-            load_image=render,
-            info={"dataset": "clipkit synthetic shapes", "seed": seed, "image_size": image_size},
-        )
-        counts[split] = result.samples
-    write_zeroshot_files(out_dir, CLASSNAMES, ZEROSHOT_TEMPLATES)
-    return counts
+    """Write the dataset in the shared layout (train/, test/, classnames, templates); sample counts.
+
+    The default 20,000 training samples make 16 equal shards, which split evenly over 1, 2, 4, 8 or 16
+    processes x workers.
+    """
+    results = write_classification_dataset(
+        out_dir,
+        train=[describe_sample(seed, "train", i, image_size) for i in range(train_samples)],
+        test=[describe_sample(seed, "test", i, image_size) for i in range(test_samples)],
+        classnames=CLASSNAMES,
+        templates=ZEROSHOT_TEMPLATES,
+        load_image=render,
+        samples_per_shard=samples_per_shard,
+        image_options=ImageOptions(format="jpg", quality=90),
+        workers=workers,
+        info={"dataset": "clipkit synthetic shapes", "seed": seed, "image_size": image_size},
+    )
+    return {split: result.samples for split, result in results.items()}

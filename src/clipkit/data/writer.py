@@ -188,6 +188,26 @@ def write_split(
     return result
 
 
+def write_classification_dataset(
+    out_dir: str | Path,
+    *,
+    train: Sequence[Record],
+    test: Sequence[Record],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    load_image: Callable[[Record], Any] = load_image_file,
+    **split_options: Any,
+) -> dict[str, SplitResult]:
+    """train/ and test/ shards plus the zero-shot files: the shared layout (module docstring)."""
+    out_dir = Path(out_dir)
+    results = {
+        split: write_split(records, out_dir / split, layout=layout, load_image=load_image, **split_options)
+        for split, layout, records in (("train", TRAIN_LAYOUT, train), ("test", TEST_LAYOUT, test))
+    }
+    write_zeroshot_files(out_dir, classnames, templates)
+    return results
+
+
 def write_zeroshot_files(out_dir: str | Path, classnames: Sequence[str], templates: Sequence[str]) -> None:
     """classnames.txt (line index = label), templates with {c}, and dataset_type.txt (CLIP_benchmark)."""
     out_dir = Path(out_dir)
