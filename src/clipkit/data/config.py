@@ -56,20 +56,24 @@ class DataConfig:
         for key in ("train_shards", "val_shards"):
             if isinstance(kwargs.get(key), tuple | list):
                 kwargs[key] = [str(part) for part in kwargs[key]]
-        config = cls(**kwargs)
-        config.validate(origin)
-        return config
+        try:
+            return cls(**kwargs)
+        except ClipkitError as e:
+            raise ClipkitError(f"{origin}: {e}") from None
 
-    def validate(self, origin: str = "data config") -> None:
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         for key, minimum in (("batch_size", 1), ("workers", 0), ("shuffle_buffer", 0)):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ClipkitError(f"{origin}: {key} must be an integer >= {minimum}, got {value!r}")
+                raise ClipkitError(f"{key} must be an integer >= {minimum}, got {value!r}")
         if self.weights is not None:
             if not isinstance(self.weights, list | tuple) or not self.weights:
-                raise ClipkitError(f"{origin}: weights must be a list of numbers, got {self.weights!r}")
+                raise ClipkitError(f"weights must be a list of numbers, got {self.weights!r}")
             if any(not isinstance(w, int | float) or isinstance(w, bool) or w <= 0 for w in self.weights):
-                raise ClipkitError(f"{origin}: weights must all be positive numbers, got {self.weights!r}")
+                raise ClipkitError(f"weights must all be positive numbers, got {self.weights!r}")
         if self.generate is not None:
             if (
                 not isinstance(self.generate, Mapping)
@@ -77,7 +81,7 @@ class DataConfig:
                 or "dir" not in self.generate
             ):
                 raise ClipkitError(
-                    f"{origin}: generate must be a mapping with at least `name` (synthetic | digits) and `dir`, "
+                    "generate must be a mapping with at least `name` (synthetic | digits) and `dir`, "
                     f"got {self.generate!r}"
                 )
 
