@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from clipkit.data.config import split_sources
 from clipkit.errors import ClipkitError
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,6 @@ def iter_captions(
     spec: str | list[str], *, limit: int | None = None, on_error: ErrorCallback | None = None
 ) -> Iterator[str]:
     """The captions of all shards of `spec` in order (images are not decoded)."""
-    from clipkit.data.config import split_sources
 
     def default_error(url: str, key: str | None, reason: str) -> None:
         log.warning("%s%s: %s", url, f" key {key}" if key else "", reason)
@@ -203,7 +202,3 @@ def iter_captions(
                 count += 1
                 if limit is not None and count >= limit:
                     return
-
-
-def shard_name(url: str) -> str:
-    return os.path.basename(urlparse(url).path) or url
