@@ -175,6 +175,22 @@ def test_approximate_indexes_find_what_exact_search_finds(model_dir, tmp_path, k
     # The approximate index stores the same vectors
     np.testing.assert_allclose(approximate.reconstruct(7), exact.reconstruct(7), atol=1e-6)
 
+    # Search settings can be changed when opening, without a rebuild; settings of another kind are refused.
+    setting, other = ("ef_search", "nprobe") if kind == "hnsw" else ("nprobe", "ef_search")
+    tuned = RetrievalIndex(tmp_path / kind, search_params={setting: 1})
+    live = tuned.vectors.hnsw.efSearch if kind == "hnsw" else tuned.vectors.nprobe
+    assert tuned.params[setting] == live == 1
+    _, tuned_ids = tuned.search(queries, 10)
+    tuned_recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(tuned_ids, exact_ids, strict=True)])
+    assert tuned_recall < recall
+    for bad_dir, params in (
+        (tmp_path / kind, {other: 4}),
+        (tmp_path / kind, {setting: 0}),
+        (tmp_path / "exact", {setting: 4}),
+    ):
+        with pytest.raises(ClipkitError, match=f"{list(params)[0]}"):
+            RetrievalIndex(bad_dir, search_params=params)
+
 
 def test_add_appends_only_new_content_and_keeps_ids(model_dir, tmp_path):
     first, second = make_images(12, seed=6), make_images(8, seed=7)

@@ -238,6 +238,17 @@ def test_an_api_key_guards_every_v1_route(collection):
                 response = client.request(method, url, headers=headers)
                 assert response.status_code == 401, (path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
+        # Refused before the body is read: a malformed or oversized body without the key is still a 401.
+        assert (
+            client.post(
+                "/v1/search", content=b'{"query', headers={"content-type": "application/json"}
+            ).status_code
+            == 401
+        )
+        assert (
+            client.post("/v1/search/image", files={"image": ("x.png", b"0" * (11 * 2**20))}).status_code
+            == 401
+        )
         good = {"Authorization": "Bearer s3cret-key"}
         assert client.post("/v1/search", json={"query": "caption 1"}, headers=good).status_code == 200
         assert client.get("/v1/images/1", headers=good).status_code == 200

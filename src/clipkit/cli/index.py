@@ -2,7 +2,7 @@
 
 SOURCE is a folder of images (searched recursively; IMAGE.txt beside an image is its caption),
 webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} pattern), or a CSV / TSV /
-JSONL table with an image path column (paths relative to the table) and optional caption and metadata
+JSONL / Parquet table with an image path column (paths relative to the table) and optional caption and metadata
 columns. Images with the same content are indexed once; undecodable ones are skipped and listed.
 The index folder holds a FAISS index, an SQLite metadata table and index.json (which records the model);
 every write goes to temporary files renamed at the end, so an interrupted build or add changes nothing.
@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture"
     )
     build.add_argument(
-        "--images", required=True, metavar="SOURCE", help="image folder, shards, or CSV / JSONL table"
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
     )
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     build.add_argument(
@@ -34,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = actions.add_parser("add", help="append new images to an index (skips ones already in it)")
     add.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index to add to")
     add.add_argument(
-        "--images", required=True, metavar="SOURCE", help="image folder, shards, or CSV / JSONL table"
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
     )
     add.add_argument("--model", help="default: the model the index records; a different one is refused")
     _common(add)

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-upload-mb", type=float, default=10.0, help="largest image upload (default: 10)"
     )
     parser.add_argument(
+        "--ef-search", type=int, help="hnsw index: candidates searched (more: better recall, slower)"
+    )
+    parser.add_argument(
+        "--nprobe", type=int, help="ivf index: clusters searched (more: better recall, slower)"
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
 
@@ -71,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sock = listening_socket(args.host, args.port)  # first: a busy port fails before the model loads
     try:
+        search_params = {
+            k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v is not None
+        }
         index, encoder = open_index(
-            args.index, model=args.model, pretrained=args.pretrained, device=device, precision=args.precision
-        )
+            args.index, model=args.model, pretrained=args.pretrained, device=device, precision=args.precision,
+            search_params=search_params,
+        )  # fmt: skip
     except BaseException:
         sock.close()
         raise

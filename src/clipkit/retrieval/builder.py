@@ -181,9 +181,13 @@ def open_index(
     pretrained: str | Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    search_params: dict[str, int] | None = None,
 ) -> tuple[RetrievalIndex, Encoder]:
-    """The index and an encoder for its model (the recorded one, or `model`, which must match it)."""
-    index = RetrievalIndex(index_dir)
+    """The index and an encoder for its model (the recorded one, or `model`, which must match it).
+
+    `search_params` trades recall for speed without a rebuild: {"ef_search": N} (hnsw), {"nprobe": N} (ivf).
+    """
+    index = RetrievalIndex(index_dir, search_params=search_params)
     try:
         encoder, _ = load_index_model(
             index.manifest,

@@ -7,7 +7,6 @@ collection names it (`uri`), and the caption and metadata that came with it.
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import tarfile
@@ -16,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipkit.data.inputs import TABLE_SUFFIXES
+from clipkit.data.inputs import _table_rows as table_rows  # the table reader `clipkit shards` uses
 from clipkit.errors import ClipkitError
 from clipkit.eval.datasets import IMAGE_EXTENSIONS, is_image_file
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 SOURCE_KINDS = (
     "a folder of images (searched recursively; IMAGE.txt beside an image is its caption)",
     "webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} pattern) with "
@@ -192,7 +192,9 @@ def _expand_shard_pattern(pattern: str) -> list[Path]:
 
 
 def _table_items(path: Path, *, image_column: str, caption_column: str) -> list[ImageItem]:
-    rows = _table_rows(path)
+    rows = table_rows(path)
+    if not all(isinstance(row, dict) for row in rows):
+        raise ClipkitError(f"{path}: every row of a table must be an object with named columns")
     if rows and image_column not in rows[0]:
         raise ClipkitError(
             f"{path}: no column '{image_column}' (columns: {sorted(rows[0])}); name it with --image-column"
@@ -212,28 +214,7 @@ def _table_items(path: Path, *, image_column: str, caption_column: str) -> list[
         image_path = image_path if image_path.is_absolute() else path.parent / image_path
         if not image_path.is_file():
             raise ClipkitError(f"{path} row {number}: image {image_path} not found")
-        caption = row.get(caption_column)
+        caption = str(row.get(caption_column) or "").strip() or None
         metadata = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
-        items.append(
-            ImageItem(
-                uri=value,
-                path=str(image_path.resolve()),
-                caption=str(caption).strip() or None if caption is not None else None,
-                metadata=metadata,
-            )
-        )
+        items.append(ImageItem(uri=value, path=str(image_path.resolve()), caption=caption, metadata=metadata))
     return items
-
-
-def _table_rows(path: Path) -> list[dict[str, Any]]:
-    try:
-        if path.suffix.lower() == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if not all(isinstance(row, dict) for row in rows):
-                raise ClipkitError(f"{path}: every line of a JSONL table must be a JSON object")
-            return rows
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    except (OSError, ValueError, csv.Error) as e:
-        raise ClipkitError(f"{path}: cannot read the table ({type(e).__name__}: {e})") from None

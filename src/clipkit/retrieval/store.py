@@ -146,6 +146,19 @@ def apply_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -
         index.nprobe = params["nprobe"]
 
 
+def _check_search_params(kind: str, params: dict[str, int]) -> dict[str, int]:
+    tunable = {"hnsw": ("ef_search",), "ivf": ("nprobe",)}.get(kind, ())
+    for key, value in params.items():
+        if key not in tunable:
+            settable = f"only {tunable[0]}" if tunable else "nothing"
+            raise ClipkitError(
+                f"{key} does not apply to a {kind} index ({settable} can be set at search time)"
+            )
+        if not isinstance(value, int) or value < 1:
+            raise ClipkitError(f"{key} must be a positive integer, got {value!r}")
+    return dict(params)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading
 
@@ -181,13 +194,18 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
 class RetrievalIndex:
     """A committed index opened for reading: vector search and image records. Safe to share across threads."""
 
-    def __init__(self, index_dir: str | Path):
+    def __init__(self, index_dir: str | Path, *, search_params: dict[str, int] | None = None):
+        """`search_params` overrides the recorded search settings: `ef_search` (hnsw) or `nprobe` (ivf)."""
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(self.index_dir)
         self.kind: str = self.manifest["kind"]
         self.dim: int = int(self.manifest["dim"])
+        self.params = {
+            **self.manifest.get("params", {}),
+            **_check_search_params(self.kind, search_params or {}),
+        }
         self.vectors = faiss.read_index(str(self.index_dir / self.manifest["vectors_file"]))
-        apply_search_params(self.vectors, self.kind, self.manifest.get("params", {}))
+        apply_search_params(self.vectors, self.kind, self.params)
         # Committed data files never change, so SQLite may skip locking (immutable=1).
         uri = (self.index_dir / self.manifest["metadata_file"]).resolve().as_uri() + "?mode=ro&immutable=1"
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import io
 import logging
 import time
@@ -20,18 +19,17 @@ from importlib import resources
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipkit.retrieval import Encoder, ImageRecord, RetrievalIndex, read_item_bytes
 from clipkit.serve.batching import MicroBatcher
-from clipkit.serve.limits import BodySizeLimit, UploadError, decode_upload
+from clipkit.serve.guards import ApiKeyGuard, BodySizeLimit, UploadError, decode_upload
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -147,10 +145,10 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     app = FastAPI(
         title="clipkit retrieval",
         summary=f"Text-to-image search over {index.count} images",
+        description="Every /v1 route needs `Authorization: Bearer <key>`." if config.api_key else "",
         version="1",
         lifespan=lifespan,
     )
-    guard = [Depends(_api_key_check(config.api_key))] if config.api_key else []  # on every /v1 route
 
     async def encode_upload(image: UploadFile) -> np.ndarray:
         data = await image.read()
@@ -163,7 +161,6 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     @app.post(
         "/v1/search",
-        dependencies=guard,
         response_model=SearchResponse,
         summary="Images that match a text query",
     )
@@ -174,7 +171,6 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     @app.post(
         "/v1/search/image",
-        dependencies=guard,
         response_model=SearchResponse,
         summary="Images similar to an uploaded image",
     )
@@ -190,7 +186,6 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     @app.get(
         "/v1/images/{image_id}",
-        dependencies=guard,
         summary="An indexed image's bytes, or a thumbnail with ?size=N",
         responses={200: {"content": {"image/*": {}}}, 404: {"description": "no image with this id"}},
     )
@@ -220,7 +215,6 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     @app.post(
         "/v1/embed/text",
-        dependencies=guard,
         response_model=EmbedResponse,
         summary="Normalised text embeddings",
     )
@@ -230,7 +224,6 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     @app.post(
         "/v1/embed/image",
-        dependencies=guard,
         response_model=EmbedResponse,
         summary="Normalised embedding of an uploaded image",
     )
@@ -262,8 +255,10 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         return await http_exception_handler(request, exc)
 
     known_paths = {route.path for route in app.routes}
-    # Outermost first: metrics see every answer, including the body limit's 413s.
+    # The last added runs first: metrics see every answer; the key is checked before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
+    if config.api_key:
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key, prefix="/v1/")
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app
 
@@ -293,22 +288,6 @@ def _original(index: RetrievalIndex, image_id: int) -> tuple[bytes, str]:
     except OSError as e:
         log.warning("image %d: cannot read %s: %s", image_id, record.path, e)
         raise HTTPException(404, f"image {image_id} is no longer readable on the server") from None
-
-
-def _api_key_check(expected: str):
-    bearer = HTTPBearer(auto_error=False, description="the key in the variable named by --api-key-env")
-    expected_bytes = expected.encode()
-
-    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, expected_bytes):  # constant time: no key prefix leaks
-            raise HTTPException(
-                401,
-                "missing or wrong API key: send Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
 
 
 def _static_endpoint(file_name: str, media_type: str):

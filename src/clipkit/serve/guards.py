@@ -1,7 +1,11 @@
-"""What the server accepts: request body size, and uploads that must be images of bounded size."""
+"""What the server lets through: the API key, request body size, and uploads that must be images of bounded size.
+
+The key and the body size are checked by ASGI middleware, before FastAPI reads or parses anything.
+"""
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import warnings
@@ -63,7 +67,7 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._drain(receive, int(declared))
-            await self._refuse(send)
+            await refuse(send, 413, f"request body over {self.max_bytes} bytes")
             return
         body = bytearray()
         while True:
@@ -73,7 +77,7 @@ class BodySizeLimit:
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
                 await self._drain(receive, None)
-                await self._refuse(send)
+                await refuse(send, 413, f"request body over {self.max_bytes} bytes")
                 return
             if not message.get("more_body", False):
                 break
@@ -103,13 +107,30 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 return
 
-    async def _refuse(self, send) -> None:
-        detail = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": detail})
+
+class ApiKeyGuard:
+    """ASGI middleware: requests under `prefix` need `Authorization: Bearer <key>`, else 401 at once."""
+
+    def __init__(self, app, *, api_key: str, prefix: str = "/v1/"):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: no prefix of the key leaks
+                await refuse(
+                    send, 401, "missing or wrong API key: send Authorization: Bearer <key>",
+                    extra_headers=[(b"www-authenticate", b"Bearer")],
+                )  # fmt: skip
+                return
+        await self.app(scope, receive, send)
+
+
+async def refuse(send, status: int, detail: str, *, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with a JSON `detail`, as FastAPI's errors look, and close the connection (the body is unread)."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
