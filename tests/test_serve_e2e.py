@@ -263,6 +263,9 @@ def test_the_search_page_shows_thumbnails_in_headless_chromium(server, labels, t
     with headless_chromium(tmp_path / "chromium-profile") as page:
         page.call("Log.enable")
         page.call("Runtime.enable")
+        page.call(
+            "Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False
+        )
         page.call("Page.navigate", url=server["base_url"] + "/")
         page.wait_for("document.readyState === 'complete' && !!document.getElementById('query')")
 
@@ -274,7 +277,7 @@ def test_the_search_page_shows_thumbnails_in_headless_chromium(server, labels, t
         assert "API key" in page.evaluate("document.getElementById('status').textContent")
         page.evaluate("document.getElementById('api-key').focus()")
         page.type_text(API_KEY)
-        page.evaluate("document.getElementById('key-button').click()")
+        page.press_enter()
 
         count = page.wait_for(
             "(() => { const imgs = [...document.querySelectorAll('#results figure img')];"

@@ -97,7 +97,8 @@ document.getElementById("image-query").addEventListener("change", (event) => {
   run(() => fetch("/v1/search/image", { method: "POST", headers: headers(), body: form }));
 });
 
-document.getElementById("key-button").addEventListener("click", () => {
+document.getElementById("key-row").addEventListener("submit", (event) => {
+  event.preventDefault();
   apiKey = document.getElementById("api-key").value;
   sessionStorage.setItem("clipkit-api-key", apiKey);
   document.getElementById("key-row").hidden = true;
