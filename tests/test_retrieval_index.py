@@ -259,6 +259,10 @@ def test_a_different_model_is_refused_in_one_line(model_dir, other_model_dir, tm
     # The right model, named explicitly, is accepted
     index, _ = open_index(tmp_path / "index", model=f"local-dir:{model_dir}")
     assert index.count == 4
+    # A config without weights builds a new random model each time: its index cannot be served again.
+    build_index(tmp_path / "images", tmp_path / "random-index", model="tiny")
+    with pytest.raises(ClipkitError, match="the same source now gives other weights"):
+        open_index(tmp_path / "random-index")
 
 
 @pytest.mark.parametrize(

@@ -222,10 +222,14 @@ def load_index_model(
     encoder, identity = load_encoder(model, pretrained=pretrained, device=device, precision=precision)
     if identity["fingerprint"] != recorded["fingerprint"]:
         shown = model.name if isinstance(model, ModelBundle) else model
+        if identity["source"] is not None and identity["source"] == recorded.get("source"):
+            why = "the same source now gives other weights (its files changed, or it has none and starts random)"
+        else:
+            why = "its embeddings would not match"
         raise ClipkitError(
             f"model {shown} (fingerprint {identity['fingerprint'][:12]}) is not the model {index_dir} was built "
-            f"with ({recorded.get('source') or recorded.get('name')}, fingerprint {recorded['fingerprint'][:12]}); "
-            "its embeddings would not match: use that model, or build a new index with this one"
+            f"with ({recorded.get('source') or recorded.get('name')}, fingerprint {recorded['fingerprint'][:12]}): "
+            f"{why}; use that model, or build a new index with this one"
         )
     return encoder, identity
 
