@@ -377,3 +377,11 @@ def test_metadata_reaches_results_as_json_safe_values(served):
     body = served["client"].post("/v1/search", json={"query": "caption 0", "k": 24}).json()
     assert json.loads(json.dumps(body)) == body
     assert {r["caption"] for r in body["results"]} >= {f"caption {i}" for i in range(16)} | {None}
+
+
+def test_embedding_more_texts_than_a_batch_holds(served):
+    index, encoder = served["index"], served["encoder"]
+    texts = [f"text number {i}" for i in range(10)]
+    with TestClient(create_app(index, encoder, ServeConfig(max_batch=4))) as client:
+        body = client.post("/v1/embed/text", json={"texts": texts}).json()
+    np.testing.assert_allclose(np.array(body["embeddings"]), encoder.encode_texts(texts), atol=1e-5)

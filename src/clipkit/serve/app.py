@@ -117,7 +117,12 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         return _search_vectors(index, vectors, [k for _, k in requests])
 
     def embed_texts(requests: list[list[str]]) -> list[np.ndarray]:
-        vectors = encoder.encode_texts([text for texts in requests for text in texts])  # (sum n_i, D)
+        texts = [text for request in requests for text in request]
+        # Requests carry up to MAX_EMBED_TEXTS texts each: encode at most max_batch texts per forward pass.
+        chunks = range(0, len(texts), config.max_batch)
+        vectors = np.concatenate(
+            [encoder.encode_texts(texts[i : i + config.max_batch]) for i in chunks]
+        )  # (T, D)
         bounds = np.cumsum([0, *map(len, requests)])
         return [vectors[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
