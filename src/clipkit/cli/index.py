@@ -71,9 +71,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import sys
 
     import torch
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU feature probing is noise
 
     from clipkit.retrieval import add_to_index, build_index
 

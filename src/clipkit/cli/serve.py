@@ -52,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import os
 
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU feature probing is noise
     from clipkit.errors import ClipkitError
 
     api_key = None
