@@ -108,7 +108,7 @@ def default_index_params(kind: str, count: int) -> dict[str, Any]:
     if kind == "flat":
         return {}
     if kind == "hnsw":
-        return {"m": 32, "ef_construction": 200, "ef_search": 128}
+        return {"m": 32, "ef_construction": 64, "ef_search": 128}
     if kind == "ivf":
         # FAISS wants >= 39 training points per list; ~4 sqrt(N) lists is its usual guidance.
         nlist = max(1, min(int(4 * math.sqrt(count)), count // 39))
