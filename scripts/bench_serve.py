@@ -1,5 +1,6 @@
 """Latency and queries/s of `clipkit serve`'s /v1/search under 1, 8 and 32 concurrent clients, with and
-without micro-batching; and exact vs HNSW (and IVF) search on 100k random 512-d vectors.
+without micro-batching; text encoding with and without padding; and exact vs HNSW (and IVF) search on
+100k random 512-d vectors.
 
 Serving: one index (a model with fixed random weights, a few generated images) is served twice on
 loopback, by `clipkit serve` with micro-batching (default settings) and with `--max-batch 1` (each query
@@ -66,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vectors", type=int, default=100_000, help="vectors for the exact vs HNSW part")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=500, help="queries for recall and latency")
+    parser.add_argument("--encoder-repeats", type=int, default=15, help="timed text batches per path")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-vectors", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
@@ -214,6 +216,43 @@ def bench_serving(args, work: Path) -> dict:
     }
 
 
+def bench_text_encoder(args) -> dict:
+    """Milliseconds per text batch: open_clip's `encode_text` (padded to the context length) against clipkit's
+    padding-free path, interleaved, medians of `repeats`."""
+    import torch
+
+    from clipkit.models import build_model
+    from clipkit.retrieval.encoder import encode_text_without_padding
+
+    torch.manual_seed(0)
+    bundle = build_model(args.model)
+    model = bundle.model.eval()
+    rows = []
+    for batch in (1, 16):
+        tokens = bundle.tokenizer(queries(batch, seed=batch))
+        padded, trimmed = [], []
+        with torch.inference_mode():
+            model.encode_text(tokens), encode_text_without_padding(model, tokens)  # warm-up
+            for _ in range(args.encoder_repeats):
+                start = time.perf_counter()
+                model.encode_text(tokens)
+                padded.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                encode_text_without_padding(model, tokens)
+                trimmed.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "batch": batch,
+                "tokens_kept": int(tokens.argmax(dim=1).max()) + 1,
+                "context_length": tokens.shape[1],
+                "encode_text_ms": round(statistics.median(padded) * 1000, 2),
+                "without_padding_ms": round(statistics.median(trimmed) * 1000, 2),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"model": args.model, "repeats": args.encoder_repeats, "results": rows}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Vector search
 
@@ -308,6 +347,7 @@ def main() -> None:
     if not args.skip_serving:
         with tempfile.TemporaryDirectory(prefix="bench_serve.") as tmp:
             report["serving"] = bench_serving(args, Path(tmp))
+        report["text_encoder"] = bench_text_encoder(args)
     if not args.skip_vectors:
         report["vector_search"] = bench_vectors(args)
     report["total_s"] = round(time.perf_counter() - started, 1)
