@@ -17,12 +17,29 @@ from clipkit.errors import ClipkitError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("clipkit.cli.train", "train a model (Hydra overrides; same as python -m clipkit.train)"),
     "export": ("clipkit.cli.export", "write a model in open_clip's local-dir layout"),
+    "shards": ("clipkit.cli.shards", "write webdataset shards from images, or a demo dataset"),
+    "tokenizer": ("clipkit.cli.tokenizer", "train a SentencePiece tokenizer on shard captions"),
+    "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),
+    "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
 }
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse sizes the help column from the command names without their indent, so a name longer than
+    the rest (`tokenizer`) would wrap onto a line of its own; count the indent."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action.choices, dict):  # the subcommands
+            longest = max((len(name) for name in action.choices), default=0)
+            indent = self._current_indent + 2 * self._indent_increment
+            self._action_max_length = max(self._action_max_length, longest + indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipkit",
+        formatter_class=_HelpFormatter,
         description="Train, evaluate, export and serve CLIP / SigLIP models built on open_clip.",
     )
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")

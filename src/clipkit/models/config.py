@@ -41,6 +41,9 @@ class ModelConfig:
     custom_text: bool | None = None
     # open_clip preprocessing overrides: mean, std, interpolation, resize_mode, fill_color.
     preprocess: dict[str, Any] = field(default_factory=dict)
+    # A SentencePiece tokenizer (directory from `clipkit tokenizer train`, or its .model file) instead of
+    # the text config's own; the text tower then takes its vocab size and pools at its end token.
+    tokenizer: str | None = None
     # Weights to start from: a .safetensors / .pt state dict, or an exported model directory.
     pretrained: str | None = None
     # Logit parameters at initialisation; None means "whatever the loss starts from".

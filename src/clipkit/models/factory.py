@@ -51,6 +51,7 @@ class _Resolved:
     preprocess: dict[str, Any]
     weights: Path | None
     tokenizer_dir: Path | None = None  # where an HF tokenizer's files live, for exported models
+    sentencepiece: Path | None = None  # a clipkit SentencePiece tokenizer (model file or directory)
 
 
 def build_model(
@@ -130,6 +131,10 @@ def build_tokenizer(model_cfg: Mapping[str, Any], resolved: _Resolved) -> Callab
     """open_clip's choice of tokenizer, from the text config alone (never from the model's name)."""
     text_cfg = model_cfg["text_cfg"]
     context_length = text_cfg.get("context_length", 77)
+    if resolved.sentencepiece is not None:
+        from clipkit.data.tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(resolved.sentencepiece, context_length=context_length)
     hf_name = text_cfg.get("hf_tokenizer_name")
     if hf_name:
         source = resolved.tokenizer_dir or hf_name
@@ -196,6 +201,14 @@ def _resolve_config(config: ModelConfig, pretrained: str | Path | None) -> _Reso
     resolved = _Resolved(
         name=config.name, model_cfg=model_cfg, preprocess=dict(config.preprocess), weights=None
     )
+    if config.tokenizer is not None:
+        from clipkit.data.tokenizer import SentencePieceTokenizer, text_cfg_for_sentencepiece
+
+        resolved.sentencepiece = Path(config.tokenizer).expanduser()
+        tokenizer = SentencePieceTokenizer(resolved.sentencepiece)
+        model_cfg["text_cfg"] = text_cfg_for_sentencepiece(
+            model_cfg["text_cfg"], tokenizer, model_name=config.name
+        )
     if weights is not None:
         weights = Path(weights)
         if weights.is_dir():
@@ -230,10 +243,13 @@ def _resolve_directory(path: Path) -> _Resolved:
     weights = find_weights_file(path)
     if weights is None:
         raise ClipkitError(f"{path} has {OPEN_CLIP_CONFIG_NAME} but no weights (open_clip_model.safetensors)")
+    from clipkit.data.tokenizer import is_sentencepiece_dir
+
     return _Resolved(
         name=path.resolve().name,
         model_cfg=model_cfg,
         preprocess=config.get("preprocess_cfg", {}),
         weights=weights,
         tokenizer_dir=path,
+        sentencepiece=path if is_sentencepiece_dir(path) else None,
     )
