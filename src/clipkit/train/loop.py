@@ -249,7 +249,8 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate(self.unwrapped, self.bundle, self.data_cfg, self.accelerator)
+        metrics = evaluate(self.unwrapped, self.bundle, self.data_cfg, self.accelerator,
+                           precision=self.train_cfg.precision)
         if self.logger is not None and metrics:
             self.logger.log(self.state.step, metrics)
         return metrics
@@ -295,6 +296,6 @@ def _json_ready(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(metrics: dict[str, Any], exported: Path) -> None:
     for key in sorted(metrics):
-        if isinstance(metrics[key], float):
-            print(f"{key}: {metrics[key]:.4f}")
+        value = metrics[key]
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"model: {exported} (load with open_clip: 'local-dir:{exported}')")
