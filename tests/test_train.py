@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -36,9 +35,8 @@ SMALL_DATA = (
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory):
-    # Generated datasets go to one cache for the whole session; Accelerate's state is per run.
-    os.environ["CLIPKIT_CACHE"] = str(tmp_path_factory.getbasetemp() / "clipkit-cache")
+def _fresh_accelerate_state():
+    # Accelerate keeps its state in a process-wide singleton; each run here starts its own.
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
@@ -46,8 +44,15 @@ def _fresh_accelerate_state(tmp_path_factory):
 
 def small_config(output_dir: Path, *overrides: str):
     return compose_config(
-        "model=tiny", *SMALL_DATA, f"output_dir={output_dir}", "train.steps=6", "train.log_every=1",
-        "train.checkpoint_every=3", "optim.warmup_steps=2", "optim.lr=1e-3", *overrides,
+        "model=tiny",
+        *SMALL_DATA,
+        f"output_dir={output_dir}",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        *overrides,
     )
 
 
@@ -92,7 +97,10 @@ def test_run_writes_config_metrics_checkpoints_and_open_clip_model(tmp_path):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / 'model'}")
     assert_same_weights({k: v for k, v in model.state_dict().items()}, final_weights(out), atol=0)
     # The logit scale started at ln(1/0.07) (loss=clip) and moved.
-    assert records[0]["logit_scale"] != pytest.approx(1 / 0.07, abs=1e-6) or records[-1]["logit_scale"] != 1 / 0.07
+    assert (
+        records[0]["logit_scale"] != pytest.approx(1 / 0.07, abs=1e-6)
+        or records[-1]["logit_scale"] != 1 / 0.07
+    )
 
 
 def test_stop_and_resume_gives_the_same_weights_and_data_order(tmp_path, monkeypatch):
@@ -170,8 +178,14 @@ def test_nonfinite_loss_skips_the_step_and_too_many_abort(tmp_path, monkeypatch)
 
 def test_unknown_config_key_and_choice_fail_before_training(tmp_path):
     def train(*overrides):
-        return subprocess.run([sys.executable, "-m", "clipkit.train", f"output_dir={tmp_path / 'x'}", *overrides],
-                              cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "clipkit.train", f"output_dir={tmp_path / 'x'}", *overrides],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     result = train("train.stpes=5")
     assert result.returncode != 0 and "Key 'stpes' is not in struct" in result.stderr
@@ -185,13 +199,25 @@ def test_unknown_config_key_and_choice_fail_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
-    args = [*SMALL_DATA, "train.steps=30", "train.log_every=1", "train.checkpoint_every=100",
-            "optim.warmup_steps=2", "model=tiny"]
-    env = subprocess_env(CLIPKIT_CACHE=os.environ["CLIPKIT_CACHE"])
+    args = [
+        *SMALL_DATA,
+        "train.steps=30",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        "optim.warmup_steps=2",
+        "model=tiny",
+    ]
+    env = subprocess_env()
 
     def start(out: Path, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "clipkit.train", *args, f"output_dir={out}", *extra],
-                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "clipkit.train", *args, f"output_dir={out}", *extra],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     straight = tmp_path / "straight"
     assert start(straight).wait(timeout=600) == 0
@@ -217,23 +243,149 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_of_the_same_global_batch(tmp_path):
     """2 processes x batch b and 1 process x batch 2b see the same samples per step and end equal."""
-    env = subprocess_env(CLIPKIT_CACHE=os.environ["CLIPKIT_CACHE"])
+    env = subprocess_env()
     # The digits train split is one shard: with no sample shuffling, its samples are dealt to the readers
     # in turn, so both layouts build the same global batches (and pixels depend only on seed and key).
-    common = ["model=tiny", "data=digits", "data.shuffle_buffer=0", "data.workers=0", "train.steps=5",
-              "train.log_every=1", "optim.warmup_steps=1", "optim.lr=1e-4", "data.zeroshot_dataset=null",
-              "data.val_shards=null"]
+    common = [
+        "model=tiny",
+        "data=digits",
+        "data.shuffle_buffer=0",
+        "data.workers=0",
+        "train.steps=5",
+        "train.log_every=1",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-4",
+        "data.zeroshot_dataset=null",
+        "data.val_shards=null",
+    ]
     two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO_ROOT / "conf" / "accelerate" / "cpu-2proc.yaml"), "-m", "clipkit.train"]
-    result = subprocess.run([*launch, *common, "data.batch_size=4", f"output_dir={two}"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=900)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "conf" / "accelerate" / "cpu-2proc.yaml"),
+        "-m",
+        "clipkit.train",
+    ]
+    result = subprocess.run(
+        [*launch, *common, "data.batch_size=4", f"output_dir={two}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one = tmp_path / "one"
-    result = subprocess.run([sys.executable, "-m", "clipkit.train", *common, "data.batch_size=8", f"output_dir={one}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "clipkit.train", *common, "data.batch_size=8", f"output_dir={one}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     losses_two = [r["loss"] for r in metrics(two) if "loss" in r]
     losses_one = [r["loss"] for r in metrics(one) if "loss" in r]
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
     assert_same_weights(final_weights(two), final_weights(one), atol=1e-5)
+
+
+def test_a_run_with_a_corrupt_shard_finishes_and_counts_what_it_skipped(tmp_path):
+    from shard_helpers import png_bytes, write_samples, write_shards
+
+    data = tmp_path / "data"
+    write_shards(data, num_shards=2, per_shard=12, prefix="g")
+    bad = [{"__key__": f"b{i:02d}", "png": png_bytes(i), "txt": f"caption {i}"} for i in range(6)]
+    bad[0]["png"] = b"not an image"
+    bad[1]["png"] = png_bytes(1)[:30]  # truncated image
+    del bad[2]["txt"]
+    write_samples(data / "bad.tar", bad)
+    (data / "cut.tar").write_bytes((data / "g00000.tar").read_bytes()[:2500])  # a truncated tar
+    out = tmp_path / "run"
+    run(
+        compose_config(
+            "model=tiny",
+            "data=shards",
+            f"data.train_shards={data}",
+            "data.val_shards=null",
+            "data.zeroshot_dataset=null",
+            "data.batch_size=8",
+            "data.workers=0",
+            "data.shuffle_buffer=0",
+            "train.steps=8",
+            "train.log_every=1",
+            f"output_dir={out}",
+        )
+    )
+    last = [r for r in metrics(out) if "loss" in r][-1]
+    assert last["step"] == 8 and last["bad_samples"] >= 3  # 3 bad samples per pass over bad.tar
+    assert (out / "model" / "open_clip_model.safetensors").is_file()
+
+
+def test_lit_freezes_the_image_tower_and_grad_checkpointing_changes_nothing(tmp_path):
+    from accelerate.utils import set_seed
+
+    from clipkit.models import build_model
+
+    plain, checkpointed, locked = tmp_path / "plain", tmp_path / "ckpt", tmp_path / "lit"
+    run(small_config(plain, "train.steps=3", "data.zeroshot_dataset=null", "data.val_shards=null"))
+    AcceleratorState._reset_state(True)
+    run(
+        small_config(
+            checkpointed,
+            "train.steps=3",
+            "train.grad_checkpointing=true",
+            "data.zeroshot_dataset=null",
+            "data.val_shards=null",
+        )
+    )
+    assert_same_weights(final_weights(checkpointed), final_weights(plain), atol=1e-6)
+
+    AcceleratorState._reset_state(True)
+    run(
+        small_config(
+            locked,
+            "train.steps=3",
+            "train.lock_image=true",
+            "data.zeroshot_dataset=null",
+            "data.val_shards=null",
+        )
+    )
+    set_seed(0)  # the run's seed: the same initial weights
+    initial = build_model("tiny", init_logit_scale=2.659260036932778).model.state_dict()
+    trained = final_weights(locked)
+    assert all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith("visual."))
+    assert not torch.equal(trained["text_projection"], initial["text_projection"])
+
+
+def test_patch_dropout_with_accumulation_and_bf16_train(tmp_path):
+    out = tmp_path / "flip"
+    run(
+        small_config(
+            out,
+            "train.steps=3",
+            "train.accum_steps=2",
+            "train.precision=bf16",
+            "+model.vision_cfg.patch_dropout=0.5",
+            "data.zeroshot_dataset=null",
+            "data.val_shards=null",
+        )
+    )
+    records = [r for r in metrics(out) if "loss" in r]
+    assert len(records) == 3 and all(r["nonfinite_skips"] == 0 for r in records)
+    assert records[-1]["samples"] == 3 * 2 * 8
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path):
+    out = tmp_path / "run"
+    run(
+        small_config(
+            out, "logger=wandb", "train.steps=2", "data.zeroshot_dataset=null", "data.val_shards=null"
+        )
+    )
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert (out / "wandb_run_id.txt").read_text().strip() in runs[0].name

@@ -32,7 +32,9 @@ def test_accumulation_equals_one_big_batch(loss_name, accelerator):
     cfg = compose_config(f"loss={loss_name}")
     loss_fn = instantiate(cfg.loss)
     torch.manual_seed(0)
-    bundle = build_model("tiny", init_logit_scale=loss_fn.init_logit_scale, init_logit_bias=loss_fn.init_logit_bias)
+    bundle = build_model(
+        "tiny", init_logit_scale=loss_fn.init_logit_scale, init_logit_bias=loss_fn.init_logit_bias
+    )
     model = accelerator.prepare(bundle.model)
     model.train()
     b, k = 8, 4
@@ -63,8 +65,15 @@ def test_weight_decay_skips_biases_norms_position_embeddings_and_logits():
     decayed = {name for name, p in model.named_parameters() if is_decayed(name, p)}
     assert "visual.conv1.weight" in decayed and "token_embedding.weight" in decayed
     assert "transformer.resblocks.0.attn.in_proj_weight" in decayed
-    for name in ("logit_scale", "positional_embedding", "visual.positional_embedding", "visual.class_embedding",
-                 "ln_final.weight", "ln_final.bias", "transformer.resblocks.0.attn.in_proj_bias"):
+    for name in (
+        "logit_scale",
+        "positional_embedding",
+        "visual.positional_embedding",
+        "visual.class_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "transformer.resblocks.0.attn.in_proj_bias",
+    ):
         assert name not in decayed, name
 
 

@@ -12,7 +12,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides, e.g. model=tiny train.steps=100")
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="Hydra overrides, e.g. model=tiny train.steps=100"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

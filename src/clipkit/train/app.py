@@ -16,8 +16,11 @@ from clipkit.errors import ClipkitError
 def _configure_logging() -> None:
     # Under a multi-process launch only the main process speaks above warnings.
     main_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
 
 

@@ -94,12 +94,18 @@ class Trainer:
             OmegaConf.save(cfg, self.output_dir / "config.yaml", resolve=True)
         set_seed(self.train_cfg.seed)
 
-        self.loss_fn = instantiate(cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        self.loss_fn = instantiate(
+            cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
         self.bundle = build_model(
-            model_cfg, init_logit_scale=self.loss_fn.init_logit_scale, init_logit_bias=self.loss_fn.init_logit_bias
+            model_cfg,
+            init_logit_scale=self.loss_fn.init_logit_scale,
+            init_logit_bias=self.loss_fn.init_logit_bias,
         )
         model = _configure_model(self.bundle.model, self.train_cfg)
-        with accelerator.main_process_first():  # the main process generates demo datasets; the others reuse them
+        with (
+            accelerator.main_process_first()
+        ):  # the main process generates demo datasets; the others reuse them
             self.data_cfg = prepare_data(data_cfg)
         self.stream = TrainStream(
             self.data_cfg,
@@ -136,12 +142,17 @@ class Trainer:
         if stopped_by is not None:
             log.warning(
                 "stopped by %s at step %d; saved %s. Continue with: train.resume=auto output_dir=%s",
-                signal.Signals(stopped_by).name, self.state.step, checkpoint, self.output_dir,
+                signal.Signals(stopped_by).name,
+                self.state.step,
+                checkpoint,
+                self.output_dir,
             )
             return {"stopped_at_step": self.state.step}
         metrics = self.evaluate()
         if self.accelerator.is_main_process:
-            exported = export_model(self._bundle_with_trained_model(), self.output_dir / "model", overwrite=True)
+            exported = export_model(
+                self._bundle_with_trained_model(), self.output_dir / "model", overwrite=True
+            )
             _print_summary(metrics, exported)
         self.accelerator.wait_for_everyone()
         return metrics
@@ -150,8 +161,13 @@ class Trainer:
         """Steps until train.steps; returns the signal number if a signal ended it early."""
         cfg = self.train_cfg
         batches = iter(self.stream)
-        progress = tqdm(total=cfg.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
-                        disable=not self.accelerator.is_main_process)
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not self.accelerator.is_main_process,
+        )
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.state.step < cfg.steps:
@@ -228,8 +244,12 @@ class Trainer:
         }
         if getattr(self.unwrapped, "logit_bias", None) is not None:
             metrics["logit_bias"] = self.unwrapped.logit_bias.item()
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             scale=f"{metrics['logit_scale']:.1f}", samples_s=f"{metrics['samples_per_s']:.0f}")
+        progress.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['lr']:.2e}",
+            scale=f"{metrics['logit_scale']:.1f}",
+            samples_s=f"{metrics['samples_per_s']:.0f}",
+        )
         if self.logger is not None:
             self.logger.log(self.state.step, metrics)
 
@@ -238,7 +258,10 @@ class Trainer:
 
     # -- checkpoints and evaluation -------------------------------------------------------------
     def checkpoint(self) -> Path:
-        open_clip_config = {"model_cfg": self.bundle.model_cfg, "preprocess_cfg": _json_ready(self.bundle.preprocess_cfg)}
+        open_clip_config = {
+            "model_cfg": self.bundle.model_cfg,
+            "preprocess_cfg": _json_ready(self.bundle.preprocess_cfg),
+        }
         return save_checkpoint(
             self.accelerator,
             self.output_dir,
@@ -249,8 +272,9 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate(self.unwrapped, self.bundle, self.data_cfg, self.accelerator,
-                           precision=self.train_cfg.precision)
+        metrics = evaluate(
+            self.unwrapped, self.bundle, self.data_cfg, self.accelerator, precision=self.train_cfg.precision
+        )
         if self.logger is not None and metrics:
             self.logger.log(self.state.step, metrics)
         return metrics

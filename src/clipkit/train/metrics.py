@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ METRICS_NAME = "metrics.jsonl"
 class MetricsLogger:
     """Main-process sink for metric dicts; one JSON object per line, flushed as written."""
 
-    def __init__(self, output_dir: Path, config: LoggerConfig, *, run_config: dict[str, Any], resume_step: int):
+    def __init__(
+        self, output_dir: Path, config: LoggerConfig, *, run_config: dict[str, Any], resume_step: int
+    ):
         self.path = Path(output_dir) / METRICS_NAME
         _truncate_after(self.path, resume_step)  # steps after the checkpoint are about to be redone
         self._file = self.path.open("a", encoding="utf-8")
@@ -58,7 +61,11 @@ def _plain(value):
 def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
@@ -67,8 +74,6 @@ def _wandb_id(output_dir: Path) -> str:
     id_file = Path(output_dir) / "wandb_run_id.txt"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb run ids: lowercase letters and digits
     id_file.write_text(run_id + "\n")
     return run_id

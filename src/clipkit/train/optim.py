@@ -45,6 +45,8 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 
 def build_scheduler(optimizer, config: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.schedule)
+        return lr_factor(
+            step, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.schedule
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -32,7 +32,9 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def contrastive_backward(model, loss_fn, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], accelerator):
+def contrastive_backward(
+    model, loss_fn, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], accelerator
+):
     """Accumulate into `.grad` the gradient of the loss over all micro-batches; return the loss (detached)."""
     if len(micro_batches) == 1:
         images, tokens = micro_batches[0]
@@ -69,7 +71,9 @@ def contrastive_backward(model, loss_fn, micro_batches: Sequence[tuple[torch.Ten
         with sync:
             image_features, text_features, logit_scale, logit_bias = forward_towers(model, images, tokens)
             # d(surrogate)/d(features) = the cached gradients; the logit parameters' share is split evenly.
-            surrogate = (image_features.float() * image_grads[i]).sum() + (text_features.float() * text_grads[i]).sum()
+            surrogate = (image_features.float() * image_grads[i]).sum() + (
+                text_features.float() * text_grads[i]
+            ).sum()
             surrogate = surrogate + logit_scale * (scale.grad / k)
             if logit_bias is not None:
                 surrogate = surrogate + logit_bias * (bias.grad / k)
