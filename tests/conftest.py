@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Generated datasets and cached classifiers go to a temporary directory, never the user's ~/.cache.
+os.environ.setdefault("CLIPKIT_CACHE", tempfile.mkdtemp(prefix="clipkit-test-cache-"))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
