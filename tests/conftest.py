@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Generated datasets and cached classifiers go to a temporary directory, never the user's ~/.cache.
+os.environ.setdefault("CLIPKIT_CACHE", tempfile.mkdtemp(prefix="clipkit-test-cache-"))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

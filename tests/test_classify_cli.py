@@ -180,7 +180,7 @@ def test_command_line_run(model_dir, photos, tmp_path):
         "--labels",
         "cat,dog",
         str(photos / "album"),
-        CLIPKIT_CACHE_DIR=str(tmp_path),
+        CLIPKIT_CACHE=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

@@ -7,6 +7,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, subprocess_env
 
 INSTALL_PREFIX = "python3 -m venv .venv && . .venv/bin/activate && "
@@ -32,11 +34,12 @@ def test_ci_runs_the_readme_test_command():
     assert 'eval "$TEST_COMMAND"' in ci
 
 
-def test_quickstart_main_job_runs(tmp_path):
+@pytest.mark.slow
+def test_quickstart_main_job_trains_far_above_chance(tmp_path):
     # The install is what the fresh-machine check covers; here run the job itself, as the README writes it.
     job = quickstart_commands()[0].split(" && ")[-1]
     argv = shlex.split(job)
-    assert argv[0] == "clipkit"
+    assert argv[:2] == ["clipkit", "train"]
     result = subprocess.run(
         [sys.executable, "-m", "clipkit", *argv[1:]],
         cwd=tmp_path,
@@ -46,3 +49,8 @@ def test_quickstart_main_job_runs(tmp_path):
         timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    acc1 = float(re.search(r"^zeroshot/acc1: ([0-9.]+)$", result.stdout, re.M).group(1))
+    assert acc1 >= 0.25  # 20 classes: chance is 0.05
+    model_line = result.stdout.strip().splitlines()[-1]
+    assert model_line.startswith("model: runs/quickstart/model")
+    assert (tmp_path / "runs" / "quickstart" / "model" / "open_clip_model.safetensors").is_file()

@@ -85,7 +85,7 @@ def run_clipkit_zeroshot(model_dir, dataset, tmp_path, *extra):
     out = tmp_path / "results.json"
     result = run_clipkit(
         "zeroshot", "--model", str(model_dir), "--dataset", str(dataset), "--batch-size", str(BATCH_SIZE),
-        "--workers", "2", "--output", str(out), *extra, CLIPKIT_CACHE_DIR=str(tmp_path / "cache"),
+        "--workers", "2", "--output", str(out), *extra, CLIPKIT_CACHE=str(tmp_path / "cache"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), result

@@ -47,7 +47,7 @@ def test_readme_commands_run(workdir):
         result = subprocess.run(
             [sys.executable, "-m", "clipkit", *shlex.split(command)[1:]],
             cwd=workdir,
-            env=subprocess_env(CLIPKIT_CACHE_DIR=str(workdir / "cache")),
+            env=subprocess_env(CLIPKIT_CACHE=str(workdir / "cache")),
             capture_output=True,
             text=True,
             timeout=600,

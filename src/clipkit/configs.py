@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -16,3 +17,9 @@ def config_dir() -> Path:
         f"clipkit's conf/ directory was not found next to {_PACKAGE_DIR}; reinstall with `pip install -e .` "
         "from a source checkout or `pip install clipkit`"
     )
+
+
+def cache_dir() -> Path:
+    """Where clipkit keeps what it can rebuild (generated datasets, text classifiers): $CLIPKIT_CACHE,
+    else ~/.cache/clipkit. conf/data/*.yaml reads the same variable with the same default."""
+    return Path(os.environ.get("CLIPKIT_CACHE") or "~/.cache/clipkit").expanduser()

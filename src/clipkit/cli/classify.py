@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument(
-        "--cache-dir", help="text classifier cache (default: $CLIPKIT_CACHE_DIR or ~/.cache/clipkit)"
+        "--cache-dir", help="text classifier cache (default: $CLIPKIT_CACHE, else ~/.cache/clipkit)"
     )
     parser.add_argument("--no-cache", action="store_true", help="compute the text classifier without caching")
 

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the results as JSON (CLIP_benchmark's keys and more)")
     parser.add_argument("--plot", help="draw the confusion matrix to this image file (.png, .pdf, .svg)")
     parser.add_argument(
-        "--cache-dir", help="text classifier cache (default: $CLIPKIT_CACHE_DIR or ~/.cache/clipkit)"
+        "--cache-dir", help="text classifier cache (default: $CLIPKIT_CACHE, else ~/.cache/clipkit)"
     )
     parser.add_argument("--no-cache", action="store_true", help="compute the text classifier without caching")
 

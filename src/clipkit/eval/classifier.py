@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from clipkit.configs import cache_dir as clipkit_cache_dir
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,10 +174,8 @@ def tokenizer_identity(tokenizer: Callable) -> dict[str, object]:
 
 
 def default_cache_dir() -> Path:
-    """$CLIPKIT_CACHE_DIR, else $XDG_CACHE_HOME/clipkit, else ~/.cache/clipkit."""
-    if os.environ.get("CLIPKIT_CACHE_DIR"):
-        return Path(os.environ["CLIPKIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipkit"
+    """clipkit's cache root: $CLIPKIT_CACHE, else ~/.cache/clipkit (classifiers go in zeroshot_classifiers/)."""
+    return clipkit_cache_dir()
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ClipkitError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return safetensors.torch.load_file(str(path), device="cpu")
+            return _unwrap_state_dict(safetensors.torch.load_file(str(path), device="cpu"), path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ClipkitError(f"{path} is not a readable safetensors file ({e}); re-export it") from e
     try:

@@ -1,0 +1,26 @@
+"""Train a model: `clipkit train [Hydra overrides]`, the same as `python -m clipkit.train [overrides]`.
+
+Examples: `clipkit train experiment=quickstart`, `clipkit train model=vit-b-32 loss=siglip
+data.train_shards='shards/{00000..00099}.tar' train.steps=10000`. For several processes or GPUs use
+`accelerate launch -m clipkit.train [overrides]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="Hydra overrides, e.g. model=tiny train.steps=100"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipkit.train.app import main
+
+    # Hydra reads its overrides from sys.argv.
+    sys.argv = ["clipkit train", *args.overrides]
+    main()
+    return 0

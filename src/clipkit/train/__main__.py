@@ -1,0 +1,3 @@
+from clipkit.train.app import main
+
+main()

@@ -1,0 +1,98 @@
+"""Checkpoints that survive a crash mid-save: written under a temporary name, renamed when complete.
+
+A checkpoint directory `checkpoints/step_XXXXXXXX/` holds Accelerate's state (model, optimizer,
+scheduler, loss scaler, every process's RNG; FSDP / DeepSpeed aware, read back with weights_only=True),
+`open_clip_config.json` (so `clipkit export` and `build_model` read it as a model directory) and
+`trainer_state.json` (step, counters, each process's data-stream position), written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from clipkit.errors import ClipkitError
+from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME
+
+TRAINER_STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary (unfinished) directories are not listed."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / TRAINER_STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint `train.resume` asks for: `auto` (newest complete one here, if any), `none`, or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise ClipkitError(
+            f"train.resume={resume}: not a complete clipkit checkpoint (no {TRAINER_STATE_NAME}); "
+            f"use train.resume=auto or a directory under {checkpoint_root(output_dir)}"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    *,
+    trainer_state: dict[str, Any],
+    open_clip_config: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:08d}"
+    staging = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(staging / OPEN_CLIP_CONFIG_NAME, open_clip_config)
+        _write_json(staging / TRAINER_STATE_NAME, trainer_state)  # last: marks the directory complete
+        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
+    """Restore Accelerate's state into the prepared objects; return the trainer state."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
