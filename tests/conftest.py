@@ -66,7 +66,8 @@ def digits_run(tmp_path_factory) -> DigitsRun:
     root = tmp_path_factory.mktemp("digits-run")
     result = subprocess.run(
         [sys.executable, "-m", "clipkit.train", "experiment=digits", f"train.steps={DIGITS_TRAIN_STEPS}",
-         f"output_dir={root / 'run'}", f"data.generate.dir={root / 'data'}"],
+         "train.eval_every=0", "train.checkpoint_every=100000", f"output_dir={root / 'run'}",
+         f"data.generate.dir={root / 'data'}"],
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -396,3 +396,18 @@ def test_shard_members_are_indexed_in_place(model_dir, tmp_path):
     with tarfile.open(tmp_path / "shards" / "0.tar") as tar:
         assert read_item_bytes(record.path, record.offset, record.length) == tar.extractfile("k4.webp").read()
     assert Image.open(io.BytesIO(read_item_bytes(record.path, record.offset, record.length))).size == (40, 36)
+
+
+def test_an_open_index_keeps_answering_while_an_add_replaces_its_files(model_dir, tmp_path):
+    write_folder(tmp_path / "first", make_images(6, seed=16))
+    write_folder(tmp_path / "second", make_images(3, seed=17))
+    build_index(tmp_path / "first", tmp_path / "index", model=model_dir)
+    serving, encoder = open_index(tmp_path / "index")
+    query = encoder.encode_texts(["anything"])
+    before = serving.search(query, 6), serving.records(range(6))
+    add_to_index(tmp_path / "index", tmp_path / "second")
+    assert not (tmp_path / "index" / "metadata.1.sqlite").exists()  # the generation it opened is gone
+    after = serving.search(query, 6), serving.records(range(6))
+    np.testing.assert_array_equal(after[0][1], before[0][1])
+    assert after[1] == before[1] and serving.count == 6
+    assert RetrievalIndex(tmp_path / "index").count == 9
