@@ -84,3 +84,11 @@ def test_wrong_group_option_lists_the_choices():
 
     with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'model/no-such'.*tiny"):
         compose_config("model=no-such")
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_accelerate_config_loads_in_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.num_processes >= 2 and config.mixed_precision == "no"  # precision is train.precision

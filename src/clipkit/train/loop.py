@@ -244,12 +244,15 @@ class Trainer:
         }
         if getattr(self.unwrapped, "logit_bias", None) is not None:
             metrics["logit_bias"] = self.unwrapped.logit_bias.item()
-        progress.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            lr=f"{metrics['lr']:.2e}",
-            scale=f"{metrics['logit_scale']:.1f}",
-            samples_s=f"{metrics['samples_per_s']:.0f}",
-        )
+        postfix = {
+            "loss": f"{metrics['loss']:.4f}",
+            "lr": f"{metrics['lr']:.2e}",
+            "scale": f"{metrics['logit_scale']:.1f}",
+            "samples_s": f"{metrics['samples_per_s']:.0f}",
+        }
+        if "logit_bias" in metrics:
+            postfix["bias"] = f"{metrics['logit_bias']:.2f}"
+        progress.set_postfix(postfix)
         if self.logger is not None:
             self.logger.log(self.state.step, metrics)
 
