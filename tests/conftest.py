@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -48,3 +49,26 @@ def run_clipkit(
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsRun:
+    run_dir: Path  # a finished clipkit run: build_model(run_dir) loads RUN/model/
+    data_dir: Path  # the digits dataset it trained on: train/, test/ (shards), classnames.txt
+
+
+DIGITS_TRAIN_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> DigitsRun:
+    """A short `experiment=digits` training run, trained once per test session (tests using it are slow)."""
+    root = tmp_path_factory.mktemp("digits-run")
+    result = subprocess.run(
+        [sys.executable, "-m", "clipkit.train", "experiment=digits", f"train.steps={DIGITS_TRAIN_STEPS}",
+         "train.eval_every=0", "train.checkpoint_every=100000", f"output_dir={root / 'run'}",
+         f"data.generate.dir={root / 'data'}"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return DigitsRun(run_dir=root / "run", data_dir=root / "data")

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("clipkit.cli.tokenizer", "train a SentencePiece tokenizer on shard captions"),
     "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
+    "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
+    "serve": ("clipkit.cli.serve", "serve a search index over HTTP (API, search page, metrics)"),
 }
 
 

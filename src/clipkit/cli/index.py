@@ -1,0 +1,104 @@
+"""Build a text-to-image search index of a collection, or add images to one; serve it with `clipkit serve`.
+
+SOURCE is a folder of images (searched recursively; IMAGE.txt beside an image is its caption),
+webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} pattern), or a CSV / TSV /
+JSONL / Parquet table with an image path column (paths relative to the table) and optional caption and metadata
+columns. Images with the same content are indexed once; undecodable ones are skipped and listed.
+The index folder holds a FAISS index, an SQLite metadata table and index.json (which records the model);
+every write goes to temporary files renamed at the end, so an interrupted build or add changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = actions.add_parser("build", help="embed a collection and write a new index", description=__doc__)
+    build.add_argument(
+        "--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture"
+    )
+    build.add_argument(
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
+    )
+    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write the index to")
+    build.add_argument(
+        "--index", choices=("flat", "hnsw", "ivf"), default="flat",
+        help="flat: exact inner product (default); hnsw / ivf: approximate, for large collections",
+    )  # fmt: skip
+    build.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    _common(build)
+
+    add = actions.add_parser("add", help="append new images to an index (skips ones already in it)")
+    add.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index to add to")
+    add.add_argument(
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
+    )
+    add.add_argument("--model", help="default: the model the index records; a different one is refused")
+    _common(add)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes (0: decode in this one)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
+    )
+    parser.add_argument(
+        "--image-column", default="image", help="table column with image paths (default: image)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="table column with captions (default: caption)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    import torch
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU feature probing is noise
+
+    from clipkit.retrieval import add_to_index, build_index
+
+    common = {
+        "pretrained": args.pretrained,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "precision": args.precision,
+        "image_column": args.image_column,
+        "caption_column": args.caption_column,
+        "progress": not args.no_progress and sys.stderr.isatty(),
+    }
+    if args.action == "build":
+        report = build_index(
+            args.images, args.out, model=args.model, kind=args.index, overwrite=args.overwrite, **common
+        )
+    else:
+        report = add_to_index(args.index, args.images, model=args.model, **common)
+    skipped = f", {len(report.skipped)} undecodable skipped" if report.skipped else ""
+    print(
+        f"{report.index_dir}: {report.count} images ({report.added} added, "
+        f"{report.duplicates} already indexed{skipped}); serve it with: clipkit serve --index {report.index_dir}"
+    )
+    return 0

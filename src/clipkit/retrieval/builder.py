@@ -1,0 +1,331 @@
+"""Build an index from a collection, append to one, and open one with the model that built it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from clipkit.errors import ClipkitError
+from clipkit.models import ModelBundle, build_model
+from clipkit.models.factory import LOCAL_DIR_PREFIX
+from clipkit.retrieval.embed import embed_items
+from clipkit.retrieval.encoder import Encoder, model_fingerprint
+from clipkit.retrieval.sources import ImageItem, list_image_items
+from clipkit.retrieval.store import (
+    INDEX_KINDS,
+    ImageRecord,
+    IndexTransaction,
+    RetrievalIndex,
+    create_vector_index,
+    default_index_params,
+    is_index_dir,
+    read_manifest,
+    writer_files,
+)
+
+log = logging.getLogger(__name__)
+
+ModelSpec = str | Path | ModelBundle
+
+
+@dataclass(kw_only=True)
+class IndexReport:
+    """What a build or an append did."""
+
+    index_dir: Path
+    count: int  # images in the index now
+    added: int
+    duplicates: int  # images skipped because their content was already indexed
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason): unreadable / undecodable
+
+
+def load_encoder(
+    model: ModelSpec, *, pretrained: str | Path | None = None, device: str = "cpu", precision: str = "fp32"
+) -> tuple[Encoder, dict[str, Any]]:
+    """The encoder for `model` and its identity as an index records it (source, name, fingerprint, dim)."""
+    bundle = (
+        model if isinstance(model, ModelBundle) else build_model(model, pretrained=pretrained, device=device)
+    )
+    identity = {
+        # Where `clipkit serve` finds the model again when no --model is given (None: a bundle in memory).
+        "source": None if isinstance(model, ModelBundle) else _absolute_if_path(str(model)),
+        "pretrained": None if pretrained is None else str(Path(pretrained).resolve()),
+        "name": bundle.name,
+        "fingerprint": model_fingerprint(bundle),
+        "embed_dim": int(bundle.model_cfg["embed_dim"]),
+    }
+    return Encoder(bundle, device=device, precision=precision), identity
+
+
+def build_index(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    model: ModelSpec,
+    pretrained: str | Path | None = None,
+    kind: str = "flat",
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> IndexReport:
+    """Embed every image `source` names and write an index to `out_dir` (see `clipkit.retrieval.store`).
+
+    `kind` is "flat" (exact inner product), "hnsw" or "ivf" (approximate, for large collections).
+    Images with the same content are indexed once.
+    """
+    if kind not in INDEX_KINDS:
+        raise ClipkitError(f"--index {kind} is not one of {', '.join(INDEX_KINDS)}")
+    out_dir = Path(out_dir)
+    _check_build_target(out_dir, overwrite=overwrite)
+    items = list_image_items(source, image_column=image_column, caption_column=caption_column)
+    encoder, identity = load_encoder(model, pretrained=pretrained, device=device, precision=precision)
+    with IndexTransaction(out_dir) as transaction:
+        db = transaction.open_staged_metadata(fresh=True)
+        try:
+            vectors, report = _ingest(db, items, encoder, start_id=0, batch_size=batch_size, workers=workers,
+                                      progress=progress)  # fmt: skip
+        finally:
+            db.close()
+        if report.added == 0:
+            raise ClipkitError(f"none of the {len(items)} image(s) in {source} could be read and decoded")
+        params = default_index_params(kind, report.added)
+        faiss.write_index(
+            create_vector_index(kind, encoder.embed_dim, vectors, params), str(transaction.staged_vectors)
+        )
+        now = _now()
+        transaction.commit(
+            {
+                "kind": kind,
+                "params": params,
+                "dim": encoder.embed_dim,
+                "count": report.added,
+                "model": identity,
+                "created_at": now,
+                "updated_at": now,
+                "sources": [_source_entry(source, report, now)],
+            }
+        )
+    report.index_dir, report.count = out_dir, report.added
+    return report
+
+
+def add_to_index(
+    index_dir: str | Path,
+    source: str | Path,
+    *,
+    model: ModelSpec | None = None,
+    pretrained: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    progress: bool = False,
+) -> IndexReport:
+    """Append the images of `source` that the index does not hold yet (by content hash).
+
+    `model` defaults to the one the index records; any model given must be that same model.
+    """
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    items = list_image_items(source, image_column=image_column, caption_column=caption_column)
+    encoder, identity = load_index_model(
+        manifest, index_dir, model=model, pretrained=pretrained, device=device, precision=precision
+    )
+    with IndexTransaction(index_dir) as transaction:
+        manifest = transaction.previous  # re-read under the lock
+        db = transaction.open_staged_metadata(fresh=False)
+        try:
+            vectors, report = _ingest(db, items, encoder, start_id=manifest["count"], batch_size=batch_size,
+                                      workers=workers, progress=progress)  # fmt: skip
+        finally:
+            db.close()
+        report.index_dir, report.count = index_dir, manifest["count"] + report.added
+        if report.added == 0:
+            return report  # nothing new: the committed index stays as it is
+        vector_index = faiss.read_index(str(index_dir / manifest["vectors_file"]))
+        vector_index.add(vectors)
+        faiss.write_index(vector_index, str(transaction.staged_vectors))
+        now = _now()
+        transaction.commit(
+            {
+                **{
+                    k: v
+                    for k, v in manifest.items()
+                    if k not in ("generation", "vectors_file", "metadata_file")
+                },
+                "count": report.count,
+                "updated_at": now,
+                "sources": [*manifest.get("sources", []), _source_entry(source, report, now)],
+            }
+        )
+    return report
+
+
+def open_index(
+    index_dir: str | Path,
+    *,
+    model: ModelSpec | None = None,
+    pretrained: str | Path | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    search_params: dict[str, int] | None = None,
+) -> tuple[RetrievalIndex, Encoder]:
+    """The index and an encoder for its model (the recorded one, or `model`, which must match it).
+
+    `search_params` trades recall for speed without a rebuild: {"ef_search": N} (hnsw), {"nprobe": N} (ivf).
+    """
+    index = RetrievalIndex(index_dir, search_params=search_params)
+    try:
+        encoder, _ = load_index_model(
+            index.manifest,
+            index.index_dir,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            precision=precision,
+        )
+    except BaseException:
+        index.close()
+        raise
+    return index, encoder
+
+
+def load_index_model(
+    manifest: dict[str, Any],
+    index_dir: Path,
+    *,
+    model: ModelSpec | None,
+    pretrained: str | Path | None,
+    device: str,
+    precision: str,
+) -> tuple[Encoder, dict[str, Any]]:
+    recorded = manifest["model"]
+    if model is None:
+        if recorded.get("source") is None:
+            raise ClipkitError(
+                f"{index_dir} was built from a model in memory and does not say where it lives; pass --model"
+            )
+        model, pretrained = recorded["source"], recorded.get("pretrained")
+    encoder, identity = load_encoder(model, pretrained=pretrained, device=device, precision=precision)
+    if identity["fingerprint"] != recorded["fingerprint"]:
+        shown = model.name if isinstance(model, ModelBundle) else model
+        if identity["source"] is not None and identity["source"] == recorded.get("source"):
+            why = "the same source now gives other weights (its files changed, or it has none and starts random)"
+        else:
+            why = "its embeddings would not match"
+        raise ClipkitError(
+            f"model {shown} (fingerprint {identity['fingerprint'][:12]}) is not the model {index_dir} was built "
+            f"with ({recorded.get('source') or recorded.get('name')}, fingerprint {recorded['fingerprint'][:12]}): "
+            f"{why}; use that model, or build a new index with this one"
+        )
+    return encoder, identity
+
+
+def _ingest(
+    db,
+    items: list[ImageItem],
+    encoder: Encoder,
+    *,
+    start_id: int,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[np.ndarray, IndexReport]:
+    """Embed `items` into the staged metadata table; the new vectors (N, D) in id order."""
+    known = {row[0] for row in db.execute("SELECT sha256 FROM images")}
+    report = IndexReport(index_dir=Path(), count=0, added=0, duplicates=0)
+    vectors = []
+    next_id = start_id
+    for batch in embed_items(
+        items,
+        encoder,
+        batch_size=batch_size,
+        workers=workers,
+        known_hashes=frozenset(known),
+        progress=progress,
+    ):
+        rows, keep = [], []
+        for row_index, image in enumerate(batch.images):
+            if image.sha256 in known:  # the same content twice within this source
+                report.duplicates += 1
+                continue
+            known.add(image.sha256)
+            item = items[image.position]
+            record = ImageRecord(
+                id=next_id,
+                uri=item.uri,
+                path=item.path,
+                offset=item.offset,
+                length=image.length,
+                sha256=image.sha256,
+                media_type=image.media_type,
+                width=image.width,
+                height=image.height,
+                caption=item.caption,
+                metadata=item.metadata,
+            )
+            rows.append(record.to_row())
+            keep.append(row_index)
+            next_id += 1
+        db.executemany(f"INSERT INTO images VALUES ({','.join('?' * 11)})", rows)
+        vectors.append(batch.vectors[keep])  # (b, D)
+        report.duplicates += len(batch.duplicates)
+        for position, reason in batch.skipped:
+            log.warning("skipped %s: %s", items[position].uri, reason)
+            report.skipped.append((items[position].uri, reason))
+    db.commit()
+    report.added = next_id - start_id
+    stacked = np.concatenate(vectors) if vectors else np.zeros((0, encoder.embed_dim), np.float32)
+    return np.ascontiguousarray(stacked, dtype=np.float32), report
+
+
+def _check_build_target(out_dir: Path, *, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ClipkitError(f"--out {out_dir} is a file; give a folder for the index")
+    if is_index_dir(out_dir):
+        if not overwrite:
+            raise ClipkitError(
+                f"{out_dir} already holds an index; pass --overwrite to replace it, or add images to it with "
+                "`clipkit index add`"
+            )
+        return
+    others = set(out_dir.iterdir()) - set(writer_files(out_dir))
+    if others:
+        raise ClipkitError(
+            f"--out {out_dir} is not empty ({sorted(p.name for p in others)[:3]} ...); choose a new folder"
+        )
+
+
+def _source_entry(source: str | Path, report: IndexReport, now: str) -> dict[str, Any]:
+    return {
+        "source": _absolute_if_path(str(source)),
+        "added": report.added,
+        "duplicates": report.duplicates,
+        "skipped": len(report.skipped),
+        "at": now,
+    }
+
+
+def _absolute_if_path(text: str) -> str:
+    prefix = LOCAL_DIR_PREFIX if text.startswith(LOCAL_DIR_PREFIX) else ""
+    path = Path(text[len(prefix) :])
+    return prefix + str(path.resolve()) if path.exists() else text
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,106 @@
+// The search page: POST /v1/search (or /v1/search/image), then one thumbnail per result.
+// Thumbnails are fetched with fetch() rather than <img src>, so they carry the API key when one is set.
+"use strict";
+
+const THUMBNAIL_SIZE = 256;
+let apiKey = sessionStorage.getItem("clipkit-api-key") || "";
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (apiKey) h["Authorization"] = "Bearer " + apiKey;
+  return h;
+}
+
+function setStatus(text, isError) {
+  const status = document.getElementById("status");
+  status.textContent = text;
+  status.className = isError ? "error" : "";
+}
+
+async function describeError(response) {
+  if (response.status === 401) {
+    document.getElementById("key-row").hidden = false;
+    return "this server needs an API key";
+  }
+  try {
+    const body = await response.json();
+    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
+    return body.detail || response.statusText;
+  } catch (e) {
+    return response.statusText;
+  }
+}
+
+async function loadThumbnail(img, id) {
+  const response = await fetch("/v1/images/" + id + "?size=" + THUMBNAIL_SIZE, { headers: headers() });
+  if (!response.ok) return;
+  img.src = URL.createObjectURL(await response.blob());
+  img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+}
+
+function showResults(body) {
+  const grid = document.getElementById("results");
+  grid.replaceChildren();
+  for (const result of body.results) {
+    const figure = document.createElement("figure");
+    figure.className = "result";
+    figure.dataset.id = result.id;
+    const img = document.createElement("img");
+    img.alt = result.caption || result.uri;
+    img.title = result.uri;
+    const caption = document.createElement("figcaption");
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = result.score.toFixed(3);
+    caption.append(score, " " + (result.caption || result.uri));  // text nodes: never parsed as HTML
+    figure.append(img, caption);
+    grid.append(figure);
+    loadThumbnail(img, result.id);
+  }
+  setStatus(body.results.length + " results in " + body.took_ms.toFixed(1) + " ms", false);
+}
+
+async function run(request) {
+  setStatus("searching...", false);
+  try {
+    const response = await request();
+    if (!response.ok) {
+      setStatus("error " + response.status + ": " + (await describeError(response)), true);
+      return;
+    }
+    showResults(await response.json());
+  } catch (e) {
+    setStatus("the server did not answer (" + e.message + ")", true);
+  }
+}
+
+function k() {
+  return parseInt(document.getElementById("k").value, 10);
+}
+
+document.getElementById("search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = document.getElementById("query").value;
+  run(() => fetch("/v1/search", {
+    method: "POST",
+    headers: headers({ "Content-Type": "application/json" }),
+    body: JSON.stringify({ query: query, k: k() }),
+  }));
+});
+
+document.getElementById("image-query").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("image", file);
+  form.append("k", String(k()));
+  run(() => fetch("/v1/search/image", { method: "POST", headers: headers(), body: form }));
+});
+
+document.getElementById("key-row").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = document.getElementById("api-key").value;
+  sessionStorage.setItem("clipkit-api-key", apiKey);
+  document.getElementById("key-row").hidden = true;
+  document.getElementById("search-form").requestSubmit();
+});

@@ -1,0 +1,387 @@
+"""The HTTP API in process: answers against the index and open_clip, bad input, auth, metrics, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import open_clip
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from clipkit.retrieval import build_index, open_index
+from clipkit.serve import MicroBatcher, ServeConfig, create_app
+from test_eval_datasets import encode, export_small_model, make_images, write_tar
+
+MAX_UPLOAD = 100_000
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """An index over a folder of PNGs (with captions) and a shard of JPEGs, and the images themselves."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = export_small_model(root / "model", seed=21)
+    images = make_images(24, seed=22)
+    (root / "images" / "folder").mkdir(parents=True)
+    for i, image in enumerate(images[:16]):
+        image.save(root / "images" / "folder" / f"{i:02d}.png")
+        (root / "images" / "folder" / f"{i:02d}.txt").write_text(f"caption {i}")
+    write_tar(root / "images" / "shards" / "0.tar",
+              [{"__key__": f"s{i}", "jpg": encode(im, "jpg")} for i, im in enumerate(images[16:])])  # fmt: skip
+    build_index(root / "images" / "folder", root / "index", model=model_dir)
+    from clipkit.retrieval import add_to_index
+
+    add_to_index(root / "index", root / "images" / "shards")
+    return {"root": root, "model_dir": model_dir, "images": images}
+
+
+@pytest.fixture(scope="module")
+def served(collection):
+    index, encoder = open_index(collection["root"] / "index")
+    app = create_app(index, encoder, ServeConfig(max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS))
+    with TestClient(app) as client:
+        yield {**collection, "client": client, "index": index, "encoder": encoder}
+    index.close()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_search_returns_what_the_index_finds(served):
+    client, index, encoder = served["client"], served["index"], served["encoder"]
+    for query, k in (("caption 3", 5), ("a green thing", 1), ("anything", 1000)):
+        response = client.post("/v1/search", json={"query": query, "k": k})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        scores, ids = index.search(encoder.encode_texts([query]), k)
+        assert [r["id"] for r in body["results"]] == ids[0].tolist()
+        np.testing.assert_allclose([r["score"] for r in body["results"]], scores[0], atol=1e-6)
+        assert len(body["results"]) == min(k, 24) and body["took_ms"] >= 0
+        records = index.records(ids[0])
+        assert [(r["uri"], r["caption"]) for r in body["results"]] == [
+            (records[i].uri, records[i].caption) for i in ids[0]
+        ]
+    default_k = client.post("/v1/search", json={"query": "caption 7"}).json()
+    assert len(default_k["results"]) == 10
+
+
+def test_image_search_finds_the_uploaded_image_first(served):
+    client, index = served["client"], served["index"]
+    for image_id in (0, 9, 20):  # two PNG files and a JPEG inside a shard
+        record = index.record(image_id)
+        data = served["client"].get(f"/v1/images/{image_id}").content
+        response = client.post("/v1/search/image", files={"image": (record.uri, data)}, data={"k": "3"})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert len(results) == 3 and results[0]["id"] == image_id
+        assert results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_images_are_served_with_their_type_and_thumbnails(served):
+    client, root = served["client"], served["root"]
+    response = client.get("/v1/images/3")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content == (root / "images" / "folder" / "03.png").read_bytes()
+    shard = client.get("/v1/images/18")
+    assert shard.headers["content-type"] == "image/jpeg"
+    assert shard.content == encode(served["images"][18], "jpg")
+    for image_id, size in ((3, 20), (18, 16), (18, 400)):
+        thumbnail = client.get(f"/v1/images/{image_id}", params={"size": size})
+        assert thumbnail.status_code == 200
+        picture = Image.open(io.BytesIO(thumbnail.content))
+        assert thumbnail.headers["content-type"] == f"image/{picture.format.lower()}"
+        expected_width = min(40, size)  # the originals are 40 x 36: shrunk to fit, never enlarged
+        assert picture.size == (expected_width, round(36 * expected_width / 40))
+
+
+def test_embeddings_are_normalised_and_equal_open_clips(served):
+    client, model_dir = served["client"], served["model_dir"]
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+    model.eval()
+    texts = ["a red square", "caption 5", "two words"]
+    body = client.post("/v1/embed/text", json={"texts": texts}).json()
+    with torch.no_grad():
+        expected = model.encode_text(tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
+    assert body["dim"] == 32 and body["model"] == served["index"].model["fingerprint"]
+
+    image = served["images"][4]
+    body = client.post("/v1/embed/image", files={"image": ("x.png", png_bytes(image))}).json()
+    with torch.no_grad():
+        expected = model.encode_image(preprocess(image)[None], normalize=True).numpy()
+    np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
+    assert np.linalg.norm(body["embeddings"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def png_declaring(side: int) -> bytes:
+    """A small PNG file that declares side x side pixels (blank 1-bit pixels compress to almost nothing)."""
+    out = io.BytesIO()
+    Image.new("1", (side, side)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def bad_requests(*, max_upload: int, too_many_pixels: bytes) -> dict:
+    """Bad request name -> (send(client), expected status): what a server with these limits must refuse."""
+    small_png = png_bytes(make_images(1)[0])
+    json_type = {"content-type": "application/json"}
+    return {
+        "empty query": (lambda c: c.post("/v1/search", json={"query": ""}), 422),
+        "blank query": (lambda c: c.post("/v1/search", json={"query": "   \n"}), 422),
+        "query too long": (lambda c: c.post("/v1/search", json={"query": "x" * 1001}), 422),
+        "k zero": (lambda c: c.post("/v1/search", json={"query": "cat", "k": 0}), 422),
+        "k too big": (lambda c: c.post("/v1/search", json={"query": "cat", "k": 1001}), 422),
+        "k a string": (lambda c: c.post("/v1/search", json={"query": "cat", "k": "5"}), 422),
+        "k fractional": (lambda c: c.post("/v1/search", json={"query": "cat", "k": 2.5}), 422),
+        "k boolean": (lambda c: c.post("/v1/search", json={"query": "cat", "k": True}), 422),
+        "query not a string": (lambda c: c.post("/v1/search", json={"query": ["cat"]}), 422),
+        "unknown field": (lambda c: c.post("/v1/search", json={"query": "cat", "top_k": 3}), 422),
+        "malformed json": (lambda c: c.post("/v1/search", content=b'{"query": "ca', headers=json_type), 422),
+        "json array": (lambda c: c.post("/v1/search", json=[1, 2]), 422),
+        "not json": (
+            lambda c: c.post("/v1/search", content=b"cat", headers={"content-type": "text/plain"}),
+            422,
+        ),
+        "invalid utf-8": (
+            lambda c: c.post("/v1/search", content=b'{"query": "\xff\xfe"}', headers=json_type),
+            422,
+        ),
+        "upload too big": (
+            lambda c: c.post(
+                "/v1/search/image", files={"image": ("big.png", b"\x89PNG" + b"0" * (max_upload + 70_000))}
+            ),
+            413,
+        ),
+        "too many pixels": (
+            lambda c: c.post("/v1/search/image", files={"image": ("huge.png", too_many_pixels)}),
+            413,
+        ),
+        "not an image": (
+            lambda c: c.post("/v1/search/image", files={"image": ("a.txt", b"hello, I am text")}),
+            415,
+        ),
+        "truncated image": (
+            lambda c: c.post("/v1/embed/image", files={"image": ("t.png", small_png[:60])}),
+            415,
+        ),
+        "empty upload": (lambda c: c.post("/v1/embed/image", files={"image": ("e.png", b"")}), 415),
+        "no image field": (lambda c: c.post("/v1/search/image", data={"k": "3"}), 422),
+        "form k out of range": (
+            lambda c: c.post("/v1/search/image", files={"image": ("a.png", small_png)}, data={"k": "0"}),
+            422,
+        ),
+        "embed upload too big": (
+            lambda c: c.post(
+                "/v1/embed/image", files={"image": ("big.jpg", b"\xff" * (max_upload + 70_000))}
+            ),
+            413,
+        ),
+        "unknown id": (lambda c: c.get("/v1/images/1000000"), 404),
+        "negative id": (lambda c: c.get("/v1/images/-1"), 422),
+        "id not a number": (lambda c: c.get("/v1/images/abc"), 422),
+        "id past sqlite range": (lambda c: c.get("/v1/images/99999999999999999999999"), 422),
+        "path in id": (lambda c: c.get("/v1/images/..%2F..%2Fetc%2Fpasswd"), 404),
+        "traversal": (lambda c: c.get("/v1/images/../../etc/passwd"), 404),
+        "thumbnail size zero": (lambda c: c.get("/v1/images/1", params={"size": 0}), 422),
+        "thumbnail size huge": (lambda c: c.get("/v1/images/1", params={"size": 5000}), 422),
+        "no texts": (lambda c: c.post("/v1/embed/text", json={"texts": []}), 422),
+        "too many texts": (lambda c: c.post("/v1/embed/text", json={"texts": ["a"] * 65}), 422),
+        "empty text": (lambda c: c.post("/v1/embed/text", json={"texts": ["a", ""]}), 422),
+        "wrong method": (lambda c: c.get("/v1/search"), 405),
+        "unknown route": (lambda c: c.get("/v1/nothing"), 404),
+    }
+
+
+BAD_REQUESTS = bad_requests(max_upload=MAX_UPLOAD, too_many_pixels=png_declaring(2000))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_its_status_and_the_server_carries_on(served, case):
+    client = served["client"]
+    send, status = BAD_REQUESTS[case]
+    response = send(client)
+    assert response.status_code == status, response.text
+    assert "detail" in response.json()
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "images": 24,
+        "model": served["index"].model["fingerprint"],
+    }
+    assert client.get("/v1/images/24").status_code == 404
+    search = client.post("/v1/search", json={"query": "caption 2", "k": 3})
+    assert search.status_code == 200 and len(search.json()["results"]) == 3
+
+
+def test_an_api_key_guards_every_v1_route(collection):
+    index, encoder = open_index(collection["root"] / "index")
+    app = create_app(index, encoder, ServeConfig(api_key="s3cret-key"))
+    v1_routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/v1")]
+    assert len(v1_routes) == 5
+    with TestClient(app) as client:
+        for path, method in v1_routes:
+            url = path.replace("{image_id}", "1")
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                            {"Authorization": "Bearer s3cret-key-and-more"}, {"Authorization": "Basic s3cret-key"}):  # fmt: skip
+                response = client.request(method, url, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+        # Refused before the body is read: a malformed or oversized body without the key is still a 401.
+        assert (
+            client.post(
+                "/v1/search", content=b'{"query', headers={"content-type": "application/json"}
+            ).status_code
+            == 401
+        )
+        assert (
+            client.post("/v1/search/image", files={"image": ("x.png", b"0" * (11 * 2**20))}).status_code
+            == 401
+        )
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert client.post("/v1/search", json={"query": "caption 1"}, headers=good).status_code == 200
+        assert client.get("/v1/images/1", headers=good).status_code == 200
+        for path in (
+            "/healthz",
+            "/metrics",
+            "/",
+        ):  # liveness, scraping and the page (it asks for the key) stay open
+            assert client.get(path).status_code == 200
+    index.close()
+
+
+def metric_samples(client) -> dict:
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_metrics_count_requests_errors_latency_and_index_size(collection):
+    index, encoder = open_index(collection["root"] / "index")
+    with TestClient(create_app(index, encoder)) as client:
+        for _ in range(3):
+            client.post("/v1/search", json={"query": "caption 1"})
+        client.post("/v1/search", json={"query": ""})
+        client.get("/v1/images/77")
+        client.get("/v1/images/3")
+        samples = metric_samples(client)
+    index.close()
+    search = "/v1/search"
+    assert (
+        samples[("clipkit_http_requests_total", (("method", "POST"), ("route", search), ("status", "200")))]
+        == 3
+    )
+    assert (
+        samples[("clipkit_http_requests_total", (("method", "POST"), ("route", search), ("status", "422")))]
+        == 1
+    )
+    assert samples[("clipkit_http_errors_total", (("route", search), ("status", "422")))] == 1
+    assert (
+        samples[("clipkit_http_errors_total", (("route", "/v1/images/{image_id}"), ("status", "404")))] == 1
+    )
+    assert samples[("clipkit_http_request_duration_seconds_count", (("route", search),))] == 4
+    assert samples[("clipkit_http_request_duration_seconds_bucket", (("le", "+Inf"), ("route", search)))] == 4
+    assert samples[("clipkit_index_images", ())] == 24
+    assert samples[("clipkit_batch_size_count", (("batcher", "search"),))] == 3
+
+
+def test_the_page_is_served_with_a_strict_content_security_policy(served):
+    client = served["client"]
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert 'id="query"' in page.text and 'src="/page.js"' in page.text
+    script = client.get("/page.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "/v1/search" in script.text
+    assert "innerHTML" not in script.text  # results are written as text nodes
+    assert client.get("/docs").status_code == 200
+    assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+
+
+def test_concurrent_queries_are_batched_and_answered_like_single_ones(served):
+    index, encoder = served["index"], served["encoder"]
+    app = create_app(index, encoder, ServeConfig(max_batch=16, batch_wait_ms=20))
+    queries = [f"caption {i}" for i in range(40)]
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                responses = await asyncio.gather(
+                    *(client.post("/v1/search", json={"query": q, "k": 4}) for q in queries)
+                )
+                metrics = (await client.get("/metrics")).text
+        return responses, metrics
+
+    responses, metrics = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in responses)
+    for query, response in zip(queries, responses, strict=True):
+        _, ids = index.search(encoder.encode_texts([query]), 4)
+        assert [r["id"] for r in response.json()["results"]] == ids[0].tolist()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics) for s in f.samples}  # fmt: skip
+    batches = samples[("clipkit_batch_size_count", (("batcher", "search"),))]
+    assert samples[("clipkit_batch_size_sum", (("batcher", "search"),))] == 40
+    assert 3 <= batches < 40  # 40 queries at once, 16 at most per batch
+    assert samples[("clipkit_batch_size_bucket", (("batcher", "search"), ("le", "8.0")))] < batches
+
+
+def run_batcher(items, compute, **options):
+    async def scenario():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = MicroBatcher(compute, executor=executor, **options)
+            batcher.start()
+            try:
+                return await asyncio.gather(*(batcher.submit(item) for item in items), return_exceptions=True)
+            finally:
+                await batcher.stop()
+
+    return asyncio.run(scenario())
+
+
+def test_micro_batcher_groups_concurrent_items_and_keeps_each_result_with_its_caller():
+    seen, lock = [], threading.Lock()
+
+    def square_all(batch):
+        with lock:
+            seen.append(list(batch))
+        return [x * x for x in batch]
+
+    results = run_batcher(list(range(50)), square_all, max_batch=8, max_wait_s=0.05)
+    assert results == [x * x for x in range(50)]
+    assert sorted(x for batch in seen for x in batch) == list(range(50))
+    assert max(len(batch) for batch in seen) == 8 and len(seen) == 7  # 50 items waiting: full batches
+
+
+def test_micro_batcher_hands_a_failure_to_that_batch_only():
+    def fail_on_negative(batch):
+        if any(x < 0 for x in batch):
+            raise ValueError("negative")
+        return batch
+
+    results = run_batcher([1, -1, 2, 3], fail_on_negative, max_batch=2, max_wait_s=0.05)
+    assert [type(r) for r in results[:2]] == [ValueError, ValueError] and results[2:] == [2, 3]
+
+
+def test_metadata_reaches_results_as_json_safe_values(served):
+    body = served["client"].post("/v1/search", json={"query": "caption 0", "k": 24}).json()
+    assert json.loads(json.dumps(body)) == body
+    assert {r["caption"] for r in body["results"]} >= {f"caption {i}" for i in range(16)} | {None}
+
+
+def test_embedding_more_texts_than_a_batch_holds(served):
+    index, encoder = served["index"], served["encoder"]
+    texts = [f"text number {i}" for i in range(10)]
+    with TestClient(create_app(index, encoder, ServeConfig(max_batch=4))) as client:
+        body = client.post("/v1/embed/text", json={"texts": texts}).json()
+    np.testing.assert_allclose(np.array(body["embeddings"]), encoder.encode_texts(texts), atol=1e-5)
