@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,18 @@ def run_clipkit(
         text=True,
         timeout=timeout,
     )
+
+
+def require_program(name: str, debian_package: str) -> str:
+    """The path of a system program a test drives. Missing: a skip on a developer's machine, a failure in CI
+    (`.ci/run` sets CLIPKIT_CI=1 and installs it), so a broken CI install cannot pass unnoticed."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install {debian_package}); .ci/run installs it"
+        if os.environ.get("CLIPKIT_CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from clipkit.models import build_model, export_model
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, require_program, subprocess_env
 from test_eval_datasets import make_images
 
 
@@ -76,8 +75,7 @@ def test_readme_commands_run(workdir):
                     break
             assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.2)
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed (Debian: apt-get install curl); .ci/run installs it")
+        require_program("curl", "curl")
         outputs = []
         for command in (line for line in blocks("bash")[1].splitlines() if line.strip()):
             result = subprocess.run(

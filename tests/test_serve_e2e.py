@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from PIL import Image
 
 from clipkit.retrieval import RetrievalIndex
-from conftest import run_clipkit, subprocess_env
+from conftest import require_program, run_clipkit, subprocess_env
 from test_serve_app import bad_requests, png_declaring
 
 API_KEY = "e2e-test-key-7f3a"
@@ -231,9 +230,7 @@ def headless_chromium(profile: Path):
     """A headless Chromium with a fresh profile; yields a DevToolsPage for its first tab."""
     from websockets.sync.client import connect
 
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    binary = require_program("chromium", "chromium")
     process = subprocess.Popen(
         [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
