@@ -51,7 +51,7 @@ def _key(index: int) -> str:
 
 def read_table(path: Path, *, image_column: str, caption_column: str) -> Inputs:
     """Rows of a CSV / TSV / JSONL / Parquet table; image paths are relative to the table's folder."""
-    rows = _table_rows(path)
+    rows = table_rows(path)
     if rows:
         missing = [c for c in (image_column, caption_column) if c not in rows[0]]
         if missing:
@@ -83,7 +83,7 @@ def read_table(path: Path, *, image_column: str, caption_column: str) -> Inputs:
     return Inputs(train=records, failed=failed)
 
 
-def _table_rows(path: Path) -> list[dict[str, Any]]:
+def table_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipkit.data.inputs import TABLE_SUFFIXES
-from clipkit.data.inputs import _table_rows as table_rows  # the table reader `clipkit shards` uses
+from clipkit.data.inputs import TABLE_SUFFIXES, table_rows  # the table reader `clipkit shards` uses
 from clipkit.errors import ClipkitError
 from clipkit.eval.datasets import IMAGE_EXTENSIONS, is_image_file
 
