@@ -9,7 +9,8 @@ from accelerate.state import AcceleratorState
 from hydra.utils import instantiate
 
 from clipkit.models import build_model
-from clipkit.train.optim import is_decayed, lr_factor
+from clipkit.train.config import OptimConfig
+from clipkit.train.optim import build_optimizer, is_decayed, lr_factor
 from clipkit.train.step import contrastive_backward
 from test_configs import compose_config
 
@@ -83,3 +84,23 @@ def test_schedule_warms_up_then_follows_cosine_or_constant():
     assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5) and factors[109] < 0.001
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert lr_factor(100, warmup_steps=10, total_steps=110, schedule="constant") == 1.0
+
+
+def test_fused_adamw_makes_the_same_updates_as_the_per_parameter_loop():
+    torch.manual_seed(0)
+    reference = build_model("tiny").model
+    fused = build_model("tiny").model
+    fused.load_state_dict(reference.state_dict())
+    optimizers = [
+        build_optimizer(model, OptimConfig(lr=1e-3, fused=flag))
+        for model, flag in ((reference, False), (fused, True))
+    ]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults.get("fused")
+    for _ in range(3):
+        grads = {name: torch.randn_like(p) for name, p in reference.named_parameters()}
+        for model, optimizer in zip((reference, fused), optimizers, strict=True):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            optimizer.step()
+    for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

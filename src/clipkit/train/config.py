@@ -57,6 +57,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"
     grad_clip_norm: float | None = None
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA); falls back to the loop where unsupported
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
