@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def clipkit_cmd(model: str, shards: Path, steps: int, out: Path, workers: int, e
         "data.resampled=true",
         f"train.steps={steps}",
         "train.precision=fp32",
-        f"train.log_every={max(1, steps)}",
+        "train.log_every=1",
         "train.checkpoint_every=1000000",
         "train.resume=none",
         "optim.lr=1e-3",
@@ -106,7 +108,7 @@ def open_clip_cmd(
         "--name",
         "run",
         "--log-every-n-steps",
-        str(max(1, steps)),
+        "1",
         "--save-frequency",
         "1",
         *extra,
@@ -131,6 +133,18 @@ def variant_command(
         return clipkit_cmd(model_name, data_dir / "train", steps, out, args.workers)
     data = shard_spec(data_dir / "train") if variant == "open_clip_shards" else "synthetic"
     return open_clip_cmd(args.peer_python, open_clip_model, data, steps, out, args.workers)
+
+
+def step_rates(variant: str, out: Path, skip: int) -> list[float]:
+    """Samples/s of each optimizer step after the first `skip`, as the trainer itself logged it: the wall
+    time from the end of one step to the end of the next (data wait included, logging excluded)."""
+    if variant.startswith("clipkit"):
+        lines = (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        rates = [m["samples_per_s"] for m in lines if "samples_per_s" in m]
+    else:  # open_clip logs "Batch (t): SECONDS" per step with --log-every-n-steps 1 (its meters reset)
+        log = (out / "run" / "out.log").read_text()
+        rates = [BATCH / float(t) for t in re.findall(r"Batch \(t\): ([\d.]+)", log)]
+    return rates[skip:]
 
 
 def throughput(times_short: list[float], times_long: list[float], steps: tuple[int, int]) -> dict:
@@ -177,6 +191,8 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
         for repeat in range(args.repeats):
             for s in steps:
                 for name in variants:  # interleaved, so drift hits every variant alike
+                    out = work / f"{name}-{model_name}-{s}-{repeat}"
+                    shutil.rmtree(out, ignore_errors=True)  # open_clip's trainer exits 0 at once if it exists
                     cmd = variant_command(
                         args,
                         name,
@@ -184,7 +200,7 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
                         open_clip_model,
                         data_dir,
                         s,
-                        work / f"{name}-{model_name}-{s}-{repeat}",
+                        out,
                     )
                     timings[name][s].append(run_timed(cmd, cwd=work, env=env))
                     print(
@@ -193,7 +209,17 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
                         flush=True,
                     )
         model_result = {name: throughput(t[steps[0]], t[steps[1]], steps) for name, t in timings.items()}
-        for key in ("samples_per_s", "samples_per_s_from_min"):
+        for name in variants:  # per-step rates of the long runs, warm-up steps left out
+            rates = [
+                rate
+                for repeat in range(args.repeats)
+                for rate in step_rates(
+                    name, work / f"{name}-{model_name}-{steps[1]}-{repeat}", skip=max(2, steps[1] // 10)
+                )
+            ]
+            model_result[name]["median_step_samples_per_s"] = statistics.median(rates)
+            model_result[name]["steps_timed"] = len(rates)
+        for key in ("samples_per_s", "samples_per_s_from_min", "median_step_samples_per_s"):
             model_result[f"clipkit_over_open_clip_shards_{key}"] = (
                 model_result["clipkit_shards"][key] / model_result["open_clip_shards"][key]
             )
@@ -205,18 +231,21 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
 
 def bench_digits(args, work: Path, env: dict[str, str]) -> dict:
     """600 steps of batch 64 on the digits train split by each trainer; both scored by `clipkit zeroshot`."""
-    from clipkit.data.digits import write_digits_dataset
+    from clipkit.data.prepare import ensure_generated
     from clipkit.models import build_model, export_model
 
-    digits = work / "digits"
-    if not digits.exists():
-        write_digits_dataset(digits, seed=0, test_fraction=0.3, image_size=32)
+    # The dataset `experiment=digits` builds (conf/data/digits.yaml), built here so both trainers read it.
+    digits = ensure_generated(
+        {"name": "digits", "dir": str(work / "digits"), "seed": 0, "test_fraction": 0.3, "image_size": 32}
+    )
     export_dir = work / "tiny-export"
     if not export_dir.exists():
         export_model(build_model("tiny"), export_dir)
     steps = args.digits_steps
 
-    ck_run = work / "digits-clipkit"
+    ck_run, oc_logs = work / "digits-clipkit", work / "digits-open_clip"
+    for run_dir in (ck_run, oc_logs):
+        shutil.rmtree(run_dir, ignore_errors=True)
     ck_time = run_timed(
         [
             sys.executable,
@@ -232,7 +261,6 @@ def bench_digits(args, work: Path, env: dict[str, str]) -> dict:
         cwd=work,
         env=env,
     )
-    oc_logs = work / "digits-open_clip"
     oc_time = run_timed(
         open_clip_cmd(
             args.peer_python,
@@ -300,7 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--peer-python", required=True, help="python of a venv with open_clip_torch[training]"
     )
-    parser.add_argument("--models", nargs="+", default=["tiny", "vit-s-32-alt"])
+    parser.add_argument("--models", nargs="*", default=["tiny", "vit-s-32-alt"], help="none: digits only")
     parser.add_argument("--tiny-steps", nargs=2, type=int, default=[20, 120])
     parser.add_argument("--vit-steps", nargs=2, type=int, default=[2, 8])
     parser.add_argument("--digits-steps", type=int, default=600)
@@ -331,14 +359,20 @@ def main() -> None:
             "batch_size": BATCH,
             "precision": "fp32",
             "workers": args.workers,
-            "throughput": bench_throughput(args, work, env),
         }
+        if args.models:
+            report["throughput"] = bench_throughput(args, work, env)
+            save(report, args.out)  # a failure later keeps what was measured
         if not args.skip_digits:
             report["digits"] = bench_digits(args, work, env)
+    print(save(report, args.out))
+
+
+def save(report: dict, out: str | None) -> str:
     text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

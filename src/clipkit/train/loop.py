@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from clipkit.data import DataConfig, TrainStream, prepare_data
 from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
+from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.evaluation import evaluate
@@ -80,6 +81,8 @@ class Trainer:
         logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
         model_cfg = ModelConfig.from_dict(_plain(cfg.model), origin="model")
         data_cfg = DataConfig.from_dict(_plain(cfg.data))
+        if self.train_cfg.keep_freed_memory:
+            keep_freed_memory()  # before the model and the data workers exist, so they all inherit it
 
         self.accelerator = accelerator = Accelerator(
             mixed_precision=_MIXED_PRECISION[self.train_cfg.precision],
@@ -181,10 +184,12 @@ class Trainer:
                     step_metrics["samples_per_s"] = self.samples_per_step * window_steps / elapsed
                     self._log(step_metrics, progress)
                     window_start, window_steps = time.perf_counter(), 0
+                paused = time.perf_counter()  # evaluation and checkpoints do not count against samples/s
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     self.evaluate()
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     self.checkpoint()
+                window_start += time.perf_counter() - paused
                 if self._stop_requested(stop):
                     return stop.signum or signal.SIGTERM
             return None
