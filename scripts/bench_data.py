@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+from _report import write_report
 from clipkit.data import DataConfig, TrainStream, prepare_data
 from clipkit.data.synthetic import describe_sample, render
 from clipkit.data.writer import TRAIN_LAYOUT, Record, write_split
@@ -149,10 +149,7 @@ def main() -> None:
         "rounds": args.rounds,
         "workers": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
@@ -351,10 +353,7 @@ def main() -> None:
     if not args.skip_vectors:
         report["vector_search"] = bench_vectors(args)
     report["total_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

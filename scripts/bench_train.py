@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from _report import write_report
+
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 64
 
@@ -135,6 +137,10 @@ def variant_command(
     return open_clip_cmd(args.peer_python, open_clip_model, data, steps, out, args.workers)
 
 
+def run_dir(work: Path, variant: str, model: str, steps: int, repeat: int) -> Path:
+    return work / f"{variant}-{model}-{steps}-{repeat}"
+
+
 def step_rates(variant: str, out: Path, skip: int) -> list[float]:
     """Samples/s of each optimizer step after the first `skip`, as the trainer itself logged it: the wall
     time from the end of one step to the end of the next (data wait included, logging excluded)."""
@@ -191,7 +197,7 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
         for repeat in range(args.repeats):
             for s in steps:
                 for name in variants:  # interleaved, so drift hits every variant alike
-                    out = work / f"{name}-{model_name}-{s}-{repeat}"
+                    out = run_dir(work, name, model_name, s, repeat)
                     shutil.rmtree(out, ignore_errors=True)  # open_clip's trainer exits 0 at once if it exists
                     cmd = variant_command(
                         args,
@@ -214,7 +220,7 @@ def bench_throughput(args, work: Path, env: dict[str, str]) -> dict:
                 rate
                 for repeat in range(args.repeats)
                 for rate in step_rates(
-                    name, work / f"{name}-{model_name}-{steps[1]}-{repeat}", skip=max(2, steps[1] // 10)
+                    name, run_dir(work, name, model_name, steps[1], repeat), skip=max(2, steps[1] // 10)
                 )
             ]
             model_result[name]["median_step_samples_per_s"] = statistics.median(rates)
@@ -362,17 +368,10 @@ def main() -> None:
         }
         if args.models:
             report["throughput"] = bench_throughput(args, work, env)
-            save(report, args.out)  # a failure later keeps what was measured
+            write_report(report, args.out)  # a failure later keeps what was measured
         if not args.skip_digits:
             report["digits"] = bench_digits(args, work, env)
-    print(save(report, args.out))
-
-
-def save(report: dict, out: str | None) -> str:
-    text = json.dumps(report, indent=2)
-    if out:
-        Path(out).write_text(text + "\n")
-    return text
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

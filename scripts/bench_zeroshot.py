@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _report import write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CLIP_BENCHMARK_CLI = """
@@ -208,10 +210,7 @@ def main() -> None:
             for k in ("acc1", "acc5", "mean_per_class_recall")
         ),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

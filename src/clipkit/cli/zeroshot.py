@@ -13,8 +13,9 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from clipkit.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(report, dataset.describe()))
     if args.output:
-        _write_text(Path(args.output), json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.output, json.dumps(report, indent=2) + "\n")
         log.info("results written to %s", args.output)
     if args.plot:
         from clipkit.eval.plot import plot_confusion_matrix
@@ -133,15 +134,3 @@ def format_table(report: dict, description: str) -> str:
     if report["skipped"]:
         lines.append(f"  skipped, e.g. {report['skipped'][0]['key']}: {report['skipped'][0]['reason']}")
     return "\n".join(lines)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write to a temporary sibling and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

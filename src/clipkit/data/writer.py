@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from clipkit.errors import ClipkitError
+from clipkit.files import atomic_path, write_text_atomic
 
 IMAGE_FORMATS = ("keep", "jpg", "png", "webp")
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -113,8 +113,7 @@ def _write_shard(
     path, records, layout, options, load_image = job
     failed: list[dict[str, str]] = []
     written = 0
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as tar:
             for record in records:
                 try:
@@ -135,10 +134,6 @@ def _write_shard(
                     sample["cls"] = str(record.label).encode()
                 tar.write(sample)
                 written += 1
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return path.name, written, failed
 
 
@@ -181,10 +176,10 @@ def write_split(
         result.samples += written
         result.failed.extend(failed)
     if layout == TEST_LAYOUT:
-        _write_text(out_dir / "nshards.txt", f"{len(jobs)}\n")
+        write_text_atomic(out_dir / "nshards.txt", f"{len(jobs)}\n")
     failed = [*failed_inputs, *result.failed]
     summary = {"samples": result.samples, "shards": result.shards, "failed": failed, **(info or {})}
-    _write_text(out_dir / INFO_FILE, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / INFO_FILE, json.dumps(summary, indent=2) + "\n")
     return result
 
 
@@ -214,12 +209,6 @@ def write_zeroshot_files(out_dir: str | Path, classnames: Sequence[str], templat
     for template in templates:
         if "{c}" not in template:
             raise ClipkitError(f"zero-shot template '{template}' has no {{c}} placeholder for the class name")
-    _write_text(out_dir / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
-    _write_text(out_dir / TEMPLATES_FILE, "".join(f"{t}\n" for t in templates))
-    _write_text(out_dir / "dataset_type.txt", "classification\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(out_dir / CLASSNAMES_FILE, "".join(f"{name}\n" for name in classnames))
+    write_text_atomic(out_dir / TEMPLATES_FILE, "".join(f"{t}\n" for t in templates))
+    write_text_atomic(out_dir / "dataset_type.txt", "classification\n")

@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.configs import cache_dir as clipkit_cache_dir
+from clipkit.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +121,8 @@ def load_or_build_zeroshot_classifier(
         except Exception as e:  # a damaged cache file is rebuilt, never trusted
             log.warning("ignoring unreadable cached classifier %s (%s)", path, e)
     classifier = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({"classifier": classifier.cpu()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({"classifier": classifier.cpu()}, str(tmp))
     return CachedClassifier(classifier, path, False)
 
 

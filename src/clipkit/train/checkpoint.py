@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clipkit.errors import ClipkitError
+from clipkit.files import write_text_atomic
 from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -89,10 +90,4 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")

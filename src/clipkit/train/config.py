@@ -37,9 +37,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: freeze the image tower
-    keep_freed_memory: bool = (
-        True  # glibc keeps freed host memory for the next step (clipkit.train.allocator)
-    )
+    keep_freed_memory: bool = True  # reuse freed host memory across steps (clipkit.train.allocator)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

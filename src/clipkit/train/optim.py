@@ -9,7 +9,7 @@ import torch
 
 from clipkit.train.config import OptimConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Parameters that are not decayed besides biases and norms (which have ndim < 2).
 _NO_DECAY_SUFFIXES = ("positional_embedding", "pos_embed", "class_embedding", "cls_token")
@@ -39,7 +39,7 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
             # of ViT-S-32 on CPU goes from ~90 ms to ~25 ms, with the same update.
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         except RuntimeError as err:  # parameters on a device or of a dtype the kernel does not cover
-            logger.info("fused AdamW unavailable (%s); using the per-parameter loop", err)
+            log.info("fused AdamW unavailable (%s); using the per-parameter loop", err)
     return torch.optim.AdamW(groups, **kwargs)
 
 
