@@ -2,9 +2,9 @@
 
 glibc returns the free top of its heap to the kernel once it exceeds a threshold. A training step frees
 and re-allocates the same large activation and gradient buffers every time, so each step then page-faults
-its memory back in and the kernel zeroes it again: on CPU, ViT-S-32 at batch 64 took ~3.4 M minor page
-faults in 8 steps and 1.2 M with trimming off, and its steps got ~10% faster (docs/BENCHMARKS.md). The
-process keeps its peak heap instead, which it reaches every step anyway. GPU memory is not affected.
+its memory back in and the kernel zeroes it again: on CPU, a ViT-S-32-alt step at batch 64 took ~304 k
+minor page faults, and ~1.8 k with this, and ran 10% faster (scripts/bench_train_step.py). The process
+keeps its peak heap instead, which it reaches every step anyway. GPU memory is not affected.
 """
 
 from __future__ import annotations
