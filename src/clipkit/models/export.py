@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from clipkit.errors import ClipkitError
 from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME, ModelBundle
@@ -16,11 +17,18 @@ from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME, ModelBundle
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
-def export_model(bundle: ModelBundle, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def export_model(
+    bundle: ModelBundle,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `open_clip_config.json` + `open_clip_model.safetensors` (+ HF tokenizer files) to `out_dir`.
 
     The files are written into a temporary sibling directory that is renamed to `out_dir` when complete,
-    so an interrupted export never leaves a half-written model behind.
+    so an interrupted export never leaves a half-written model behind. `state_dict` replaces the
+    bundle's model weights (e.g. gathered from a sharded model); its names must be the model's own.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -31,7 +39,9 @@ def export_model(bundle: ModelBundle, out_dir: str | Path, *, overwrite: bool = 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         # .contiguous(): safetensors stores dense buffers; views (e.g. from transposes) must be copied.
-        tensors = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+        if state_dict is None:
+            state_dict = bundle.model.state_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         safetensors.torch.save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         preprocess_cfg = {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in bundle.preprocess_cfg.items()

@@ -28,8 +28,13 @@ class UnsafeCheckpointError(ClipkitError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors by name from a .safetensors file or a weights-only .pt/.pth/.bin file."""
+    """Tensors by name from a .safetensors file, a weights-only .pt/.pth/.bin file, or the sharded state
+    directory of an FSDP checkpoint."""
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        from clipkit.models.sharded import read_sharded_model  # torch.distributed.checkpoint: slow import
+
+        return read_sharded_model(path)
     if not path.is_file():
         raise ClipkitError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -84,6 +89,8 @@ def find_weights_file(directory: Path) -> Path | None:
     for name in preferred:
         if (directory / name).is_file():
             return directory / name
+    if (directory / "sharded" / ".metadata").is_file():  # a checkpoint of an FSDP run (models.sharded)
+        return directory / "sharded"
     candidates = sorted(p for p in directory.iterdir() if p.suffix in WEIGHTS_SUFFIXES)
     return candidates[0] if candidates else None
 

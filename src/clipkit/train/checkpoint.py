@@ -4,6 +4,8 @@ A checkpoint directory `checkpoints/step_XXXXXXXX/` holds Accelerate's state (mo
 scheduler, loss scaler, every process's RNG; FSDP / DeepSpeed aware, read back with weights_only=True),
 `open_clip_config.json` (so `clipkit export` and `build_model` read it as a model directory) and
 `trainer_state.json` (step, counters, each process's data-stream position), written last.
+Under FSDP, model and optimizer are not Accelerate's: every process writes its shards to `sharded/`
+(torch.distributed.checkpoint, tensors only), which any number of processes can read back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from clipkit.errors import ClipkitError
 from clipkit.files import write_text_atomic
 from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME
+
+SHARDED_STATE_DIR = "sharded"  # clipkit.models.sharded.SHARDED_STATE_DIR, without its slow import
 
 TRAINER_STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -60,6 +64,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     open_clip_config: dict[str, Any],
     keep: int,
+    sharded: tuple[Any, Any] | None = None,
 ) -> Path:
     """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes."""
     root = checkpoint_root(output_dir)
@@ -70,6 +75,11 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if sharded is not None:
+        from clipkit.train.sharding import save_sharded
+
+        model, optimizer = sharded
+        save_sharded(model, optimizer, staging / SHARDED_STATE_DIR)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(staging / OPEN_CLIP_CONFIG_NAME, open_clip_config)
@@ -83,10 +93,24 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore Accelerate's state into the prepared objects; return the trainer state."""
+def load_checkpoint(accelerator, checkpoint: Path, *, sharded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Restore Accelerate's state into the prepared objects (and, under FSDP, the model and optimizer
+    shards into `sharded`); return the trainer state."""
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    saved_sharded = bool(trainer_state.get("sharded", False))
+    if saved_sharded != (sharded is not None):
+        raise ClipkitError(
+            f"{checkpoint} was written by a run {'with' if saved_sharded else 'without'} FSDP; resume it with "
+            f"the launch config it was trained with, or export it (`clipkit export {checkpoint} --out DIR`) "
+            "and start a new run from model.pretrained=DIR"
+        )
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    if sharded is not None:
+        from clipkit.train.sharding import load_sharded
+
+        model, optimizer = sharded
+        load_sharded(model, optimizer, checkpoint / SHARDED_STATE_DIR)
+    return trainer_state
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

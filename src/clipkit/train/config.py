@@ -38,6 +38,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: freeze the image tower
     keep_freed_memory: bool = True  # reuse freed host memory across steps (clipkit.train.allocator)
+    sharding: str = "auto"  # auto (from the accelerate launch config) | none (DDP) | full | grad_op (FSDP2)
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls on Ampere+ GPUs
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

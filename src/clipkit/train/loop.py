@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
 import signal
@@ -19,13 +22,22 @@ from tqdm.auto import tqdm
 
 from clipkit.data import DataConfig, TrainStream, prepare_data
 from clipkit.errors import ClipkitError
-from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
+from clipkit.models import ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.sharding import (
+    Sharding,
+    full_state_dict,
+    full_value,
+    gradient_sync_off,
+    resolve_sharding,
+    shard_model,
+    stop_accelerate_from_sharding,
+)
 from clipkit.train.step import contrastive_backward
 
 log = logging.getLogger("clipkit.train")
@@ -84,18 +96,16 @@ class Trainer:
         if self.train_cfg.keep_freed_memory:
             keep_freed_memory()  # before the model and the data workers exist, so they all inherit it
 
+        self.sharding = self._setup_sharding()
         self.accelerator = accelerator = Accelerator(
             mixed_precision=_MIXED_PRECISION[self.train_cfg.precision],
             step_scheduler_with_optimizer=False,
             # Without cpu=True, Accelerate under torchrun on a GPU-less machine reports one process.
             cpu=not torch.cuda.is_available(),
         )
-        # Each process resolved ${now:...} on its own; all use the main process's output_dir.
-        self.output_dir = Path(broadcast_object_list([str(cfg.output_dir)])[0])
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.output_dir / "config.yaml", resolve=True)
-        set_seed(self.train_cfg.seed)
+        _set_tf32(self.train_cfg, accelerator.device)
+        self.output_dir = self._setup_output_dir(cfg)
+        set_seed(self.train_cfg.seed)  # the same initial weights on every process
 
         self.loss_fn = instantiate(
             cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes
@@ -105,10 +115,10 @@ class Trainer:
             init_logit_scale=self.loss_fn.init_logit_scale,
             init_logit_bias=self.loss_fn.init_logit_bias,
         )
-        model = _configure_model(self.bundle.model, self.train_cfg)
-        with (
-            accelerator.main_process_first()
-        ):  # the main process generates demo datasets; the others reuse them
+        # From here on each process draws its own random numbers (dropout, patch dropout); augmentation
+        # is seeded per sample by the data stream, so it does not depend on this.
+        set_seed(self.train_cfg.seed, device_specific=True)
+        with accelerator.main_process_first():  # the main process generates demo datasets; the others reuse them
             self.data_cfg = prepare_data(data_cfg)
         self.stream = TrainStream(
             self.data_cfg,
@@ -117,25 +127,81 @@ class Trainer:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             seed=self.train_cfg.seed,
+            pin_memory=accelerator.device.type == "cuda",
         )
-        optimizer = build_optimizer(model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        self.unwrapped = accelerator.unwrap_model(self.model)
-
+        self._setup_model()
         self.state = RunState()
-        checkpoint = resolve_resume(self.train_cfg.resume, self.output_dir)
-        if checkpoint is not None:
-            saved = load_checkpoint(accelerator, checkpoint)
-            self.state = RunState(**saved["run"])
-            self.stream.load_state_dict(saved["data"][accelerator.process_index])
-            log.info("resumed from %s at step %d", checkpoint, self.state.step)
-
+        self._resume()
         self.logger = None
         if accelerator.is_main_process:
             self.logger = MetricsLogger(
                 self.output_dir, logger_cfg, run_config=_plain(cfg), resume_step=self.state.step
             )
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _setup_sharding(self) -> Sharding | None:
+        sharding = resolve_sharding(self.train_cfg.sharding)
+        if sharding is not None:
+            if self.train_cfg.precision == "fp16":
+                raise ClipkitError(
+                    "train.precision=fp16 is not supported with FSDP (its loss scaler is per process); "
+                    "use train.precision=bf16"
+                )
+            stop_accelerate_from_sharding()
+        return sharding
+
+    def _setup_output_dir(self, cfg: DictConfig) -> Path:
+        # Every process derives the same directory; broadcast anyway, so a config that differs between
+        # processes cannot split the run.
+        output_dir = cfg.output_dir or default_output_dir(cfg)
+        output_dir = Path(broadcast_object_list([str(output_dir)])[0])
+        if self.accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+            if not cfg.output_dir:
+                log.info("output_dir: %s (the same command writes and resumes here)", output_dir)
+        return output_dir
+
+    def _setup_model(self) -> None:
+        """Wrap the model (DDP through Accelerate, or FSDP2 here), then build the optimizer and compile."""
+        accelerator = self.accelerator
+        model = _configure_model(self.bundle.model, self.train_cfg)
+        if self.sharding is None:
+            optimizer = build_optimizer(model, self.optim_cfg)
+            scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+            self.unwrapped = accelerator.unwrap_model(self.model)
+        else:
+            model = shard_model(model, self.sharding, accelerator.device)
+            _autocast_forward(model, accelerator)
+            # The optimizer is built on the sharded parameters and stays clipkit's: Accelerate would save
+            # its state from the main process only. Accelerate keeps the scheduler and the RNG states.
+            self.optimizer = build_optimizer(model, self.optim_cfg)
+            scheduler = build_scheduler(self.optimizer, self.optim_cfg, self.train_cfg.steps)
+            self.scheduler = accelerator.prepare(scheduler)
+            self.model = self.unwrapped = model
+        if self.train_cfg.compile:  # after wrapping, so DDP / FSDP hooks and communication are in the graph
+            self.model.compile()
+
+    def _resume(self) -> None:
+        checkpoint = resolve_resume(self.train_cfg.resume, self.output_dir)
+        if checkpoint is None:
+            return
+        saved = load_checkpoint(
+            self.accelerator, checkpoint, sharded=(self.model, self.optimizer) if self.sharding else None
+        )
+        self.state = RunState(**saved["run"])
+        data_states = saved["data"]
+        rank = self.accelerator.process_index
+        if len(data_states) != self.accelerator.num_processes:
+            log.warning(
+                "resuming %d processes from a checkpoint of %d: the data position is re-derived (see below)",
+                self.accelerator.num_processes,
+                len(data_states),
+            )
+        # With another number of processes any saved state will do: the stream restarts the epoch.
+        self.stream.load_state_dict(data_states[rank] if rank < len(data_states) else data_states[0])
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -152,10 +218,8 @@ class Trainer:
             )
             return {"stopped_at_step": self.state.step}
         metrics = self.evaluate()
+        exported = self.export()
         if self.accelerator.is_main_process:
-            exported = export_model(
-                self._bundle_with_trained_model(), self.output_dir / "model", overwrite=True
-            )
             _print_summary(metrics, exported)
         self.accelerator.wait_for_everyone()
         return metrics
@@ -175,11 +239,12 @@ class Trainer:
         try:
             while self.state.step < cfg.steps:
                 micro_batches = [next(batches) for _ in range(cfg.accum_steps)]
-                step_metrics = self.step(micro_batches)
+                step = self.state.step + 1
+                log_step = step % cfg.log_every == 0 or step == cfg.steps
+                step_metrics = self.step(micro_batches, log_step=log_step)
                 window_steps += 1
                 progress.update(1)
-                step = self.state.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if log_step:
                     elapsed = time.perf_counter() - window_start
                     step_metrics["samples_per_s"] = self.samples_per_step * window_steps / elapsed
                     self._log(step_metrics, progress)
@@ -187,10 +252,12 @@ class Trainer:
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against samples/s
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     self.evaluate()
-                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint_step = step % cfg.checkpoint_every == 0 and step < cfg.steps
+                if checkpoint_step:
                     self.checkpoint()
                 window_start += time.perf_counter() - paused
-                if self._stop_requested(stop):
+                # Asking the other processes is a host sync: only where the loop syncs anyway.
+                if (log_step or checkpoint_step) and self._stop_requested(stop):
                     return stop.signum or signal.SIGTERM
             return None
         finally:
@@ -200,37 +267,60 @@ class Trainer:
     def samples_per_step(self) -> int:
         return self.data_cfg.batch_size * self.train_cfg.accum_steps * self.accelerator.num_processes
 
-    def step(self, micro_batches) -> dict[str, Any]:
-        """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient skips it."""
-        device = self.accelerator.device
-        micro_batches = [(images.to(device), tokens.to(device)) for images, tokens in micro_batches]
+    def step(self, micro_batches, *, log_step: bool = True) -> dict[str, Any]:
+        """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient skips it.
+
+        One host sync per step (whether the step is finite); loss and gradient norm are read on log steps.
+        """
+        micro_batches = [self._to_device(images, tokens) for images, tokens in micro_batches]
         self.model.train()
-        loss = contrastive_backward(self.model, self.loss_fn, micro_batches, self.accelerator)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = self.accelerator.clip_grad_norm_(trainable, self.optim_cfg.grad_clip_norm or math.inf)
+        no_sync = gradient_sync_off if self.sharding else self.accelerator.no_sync
+        loss = contrastive_backward(self.model, self.loss_fn, micro_batches, self.accelerator, no_sync=no_sync)
+        grad_norm = self._clip_gradients(measure=log_step)
         loss = self.accelerator.reduce(loss, reduction="mean")  # identical on every process from here on
         fp16 = self.train_cfg.precision == "fp16"
         # fp16: the loss scaler skips inf/NaN gradients itself (and lowers the scale); only the loss counts.
-        finite = bool(torch.isfinite(loss)) and (fp16 or bool(torch.isfinite(grad_norm)))
+        checks = loss if fp16 or grad_norm is None else torch.stack([loss, grad_norm.to(loss.dtype)])
+        finite = bool(torch.isfinite(checks).all())
         if finite or fp16:
             self.optimizer.step()
-            self.scheduler.step()
+        # The schedule follows the step count, skipped steps included: lr(step) is the same on resume.
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
+            # On the sharded parameter each process clamps its own shard: the one holding the value does.
             self.unwrapped.logit_scale.clamp_(0, self.loss_fn.max_logit_scale or math.inf)
         self.state.step += 1
-        self._account_nonfinite(finite, loss.item())
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        self._account_nonfinite(finite, loss)
+        if not log_step:
+            return {}
+        return {"loss": loss.item(), "grad_norm": math.nan if grad_norm is None else grad_norm.item()}
 
-    def _account_nonfinite(self, finite: bool, loss: float) -> None:
+    def _to_device(self, images: torch.Tensor, tokens: torch.Tensor):
+        device = self.accelerator.device
+        # non_blocking: from pinned memory (CUDA) the copy overlaps the previous step's work.
+        return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+
+    def _clip_gradients(self, *, measure: bool) -> torch.Tensor | None:
+        """Clip to optim.grad_clip_norm and return the global gradient norm; without clipping, measure it
+        only when asked (a full pass over the gradients)."""
+        max_norm = self.optim_cfg.grad_clip_norm
+        if max_norm is None and not measure:
+            return None
+        trainable = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if self.sharding is None:
+            return self.accelerator.clip_grad_norm_(trainable, max_norm or math.inf)
+        # DTensor gradients: the norm is reduced over all shards, so every process clips by the same factor.
+        return full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm or math.inf))
+
+    def _account_nonfinite(self, finite: bool, loss: torch.Tensor) -> None:
         state = self.state
         if finite:
             state.consecutive_nonfinite = 0
-            state.last_finite = {"step": state.step, "loss": loss, "logit_scale": self._logit_scale()}
             return
         state.nonfinite_skips += 1
         state.consecutive_nonfinite += 1
-        log.warning("step %d: non-finite loss or gradient (loss=%s); step skipped", state.step, loss)
+        log.warning("step %d: non-finite loss or gradient (loss=%s); step skipped", state.step, loss.item())
         if state.consecutive_nonfinite >= self.train_cfg.max_nonfinite_steps:
             raise ClipkitError(
                 f"training diverged: {state.consecutive_nonfinite} non-finite steps in a row up to step "
@@ -248,7 +338,13 @@ class Trainer:
             "nonfinite_skips": self.state.nonfinite_skips,
         }
         if getattr(self.unwrapped, "logit_bias", None) is not None:
-            metrics["logit_bias"] = self.unwrapped.logit_bias.item()
+            metrics["logit_bias"] = full_value(self.unwrapped.logit_bias.detach()).item()
+        if self.state.consecutive_nonfinite == 0:
+            self.state.last_finite = {
+                "step": self.state.step,
+                "loss": metrics["loss"],
+                "logit_scale": metrics["logit_scale"],
+            }
         postfix = {
             "loss": f"{metrics['loss']:.4f}",
             "lr": f"{metrics['lr']:.2e}",
@@ -262,9 +358,10 @@ class Trainer:
             self.logger.log(self.state.step, metrics)
 
     def _logit_scale(self) -> float:
-        return self.unwrapped.logit_scale.exp().item()
+        """exp(logit_scale); a collective under FSDP (every process calls it, on log steps)."""
+        return full_value(self.unwrapped.logit_scale.detach()).exp().item()
 
-    # -- checkpoints and evaluation -------------------------------------------------------------
+    # -- checkpoints, evaluation and export -----------------------------------------------------
     def checkpoint(self) -> Path:
         open_clip_config = {
             "model_cfg": self.bundle.model_cfg,
@@ -274,18 +371,38 @@ class Trainer:
             self.accelerator,
             self.output_dir,
             self.state.step,
-            trainer_state={"run": asdict(self.state), "data": gather_object([self.stream.state_dict()])},
+            trainer_state={
+                "run": asdict(self.state),
+                "data": gather_object([self.stream.state_dict()]),
+                "sharded": self.sharding is not None,
+            },
             open_clip_config=open_clip_config,
             keep=self.train_cfg.keep_checkpoints,
+            sharded=(self.model, self.optimizer) if self.sharding else None,
         )
 
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate(
-            self.unwrapped, self.bundle, self.data_cfg, self.accelerator, precision=self.train_cfg.precision
-        )
+        # Under FSDP the processes may run different numbers of batches (their shares of the set differ
+        # by up to one sample), so the model is gathered once for the whole evaluation, not per forward.
+        gathered = _gathered(self.model, self.sharding) if self.sharding else contextlib.nullcontext()
+        with gathered:
+            metrics = evaluate(
+                self.unwrapped, self.bundle, self.data_cfg, self.accelerator, precision=self.train_cfg.precision
+            )
         if self.logger is not None and metrics:
             self.logger.log(self.state.step, metrics)
         return metrics
+
+    def export(self) -> Path:
+        """The trained model in open_clip's layout under output_dir/model (gathered on all processes)."""
+        out = self.output_dir / "model"
+        if self.sharding is None:
+            state = self.unwrapped.state_dict() if self.accelerator.is_main_process else {}
+        else:
+            state = full_state_dict(self.model)  # a collective: every process takes part
+        if self.accelerator.is_main_process:
+            export_model(self.bundle, out, overwrite=True, state_dict=state)
+        return out
 
     def close(self) -> None:
         if self.logger is not None:
@@ -304,9 +421,6 @@ class Trainer:
         tensor = torch.tensor([float(value)], device=self.accelerator.device)
         return self.accelerator.reduce(tensor, reduction="sum").item()
 
-    def _bundle_with_trained_model(self) -> ModelBundle:
-        return ModelBundle(**{**vars(self.bundle), "model": self.unwrapped})
-
 
 def _plain(node) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
@@ -317,9 +431,56 @@ def _configure_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Mo
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if config.compile:
-        model.compile()
     return model
+
+
+def default_output_dir(cfg: DictConfig) -> Path:
+    """runs/<model>-<hash of the settings>: the same command gets the same directory, so re-running it
+    (a requeued job) resumes from its checkpoints with train.resume=auto."""
+    settings = _plain(cfg)
+    settings.pop("output_dir", None)
+    settings.get("train", {}).pop("resume", None)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path("runs") / f"{cfg.model.name}-{digest}"
+
+
+def _set_tf32(config: TrainConfig, device: torch.device) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (train.tf32)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.allow_tf32 = config.tf32
+    if config.tf32 and config.precision == "fp32" and torch.cuda.get_device_capability(device)[0] >= 8:
+        log.info("train.tf32: float32 matmuls run on TF32 tensor cores (train.tf32=false turns this off)")
+
+
+def _autocast_forward(model: torch.nn.Module, accelerator) -> None:
+    """What Accelerate's prepare does for a model it wraps: forward under autocast, outputs in float32."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    if not accelerator.native_amp:
+        return
+    context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    model.forward = MethodType(convert_outputs_to_fp32(context(type(model).forward)), model)
+
+
+@contextlib.contextmanager
+def _gathered(model: torch.nn.Module, sharding: Sharding):
+    """Every FSDP unit unsharded for the duration (no collectives per forward), resharded afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)  # recursive: no unit reshards after its forward
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(sharding.reshard_after_forward)
 
 
 def _json_ready(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ first (dropout, patch dropout).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,7 +18,9 @@ import torch
 def forward_towers(model, images: torch.Tensor, tokens: torch.Tensor):
     """(image_features (B, D), text_features (B, D), logit_scale (exp'd), logit_bias or None)."""
     out = model(images, tokens)
-    return out[0], out[1], out[2], (out[3] if len(out) > 3 else None)
+    # Under FSDP the logit parameters are 1-element vectors (sharding.shard_model); the loss takes scalars.
+    logit_bias = out[3].reshape(()) if len(out) > 3 and out[3] is not None else None
+    return out[0], out[1], out[2].reshape(()), logit_bias
 
 
 def _rng_state(device: torch.device):
@@ -33,9 +35,19 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 def contrastive_backward(
-    model, loss_fn, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], accelerator
+    model,
+    loss_fn,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    accelerator,
+    *,
+    no_sync: Callable | None = None,
 ):
-    """Accumulate into `.grad` the gradient of the loss over all micro-batches; return the loss (detached)."""
+    """Accumulate into `.grad` the gradient of the loss over all micro-batches; return the loss (detached).
+
+    `no_sync(model)` is the context that holds back gradient reduction (DDP's by default; FSDP passes its
+    own): gradients are reduced once, on the last micro-batch's backward.
+    """
+    no_sync = no_sync or accelerator.no_sync
     if len(micro_batches) == 1:
         images, tokens = micro_batches[0]
         image_features, text_features, logit_scale, logit_bias = forward_towers(model, images, tokens)
@@ -67,7 +79,7 @@ def contrastive_backward(
     for i, (images, tokens) in enumerate(micro_batches):
         _set_rng_state(rng_states[i], device)
         # Gradients are all-reduced once, on the last micro-batch.
-        sync = accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext()
+        sync = no_sync(model) if i < k - 1 else contextlib.nullcontext()
         with sync:
             image_features, text_features, logit_scale, logit_bias = forward_towers(model, images, tokens)
             # d(surrogate)/d(features) = the cached gradients; the logit parameters' share is split evenly.
