@@ -209,9 +209,10 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     ]
     env = subprocess_env()
 
-    def start(out: Path, *extra: str) -> subprocess.Popen:
+    def start(out: Path | None, *extra: str) -> subprocess.Popen:
+        output_dir = [f"output_dir={out}"] if out is not None else []
         return subprocess.Popen(
-            [sys.executable, "-m", "clipkit.train", *args, f"output_dir={out}", *extra],
+            [sys.executable, "-m", "clipkit.train", *args, *output_dir, *extra],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -222,13 +223,18 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     assert start(straight).wait(timeout=600) == 0
 
-    preempted = tmp_path / "preempted"
-    process = start(preempted)
+    # No output_dir: the default one is derived from the settings, so the same command finds it again.
+    process = start(None)
+    runs_dir = tmp_path / "runs"
     deadline = time.time() + 300
+    preempted = None
     while time.time() < deadline:
-        if (preempted / "metrics.jsonl").is_file() and len(metrics(preempted)) >= 5:
+        found = list(runs_dir.glob("tiny-*/metrics.jsonl")) if runs_dir.is_dir() else []
+        if found and len(metrics(found[0].parent)) >= 5:
+            preempted = found[0].parent
             break
         time.sleep(0.05)
+    assert preempted is not None
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
@@ -236,7 +242,10 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert 5 <= stopped_at < 30 and "stopped by SIGTERM" in output
     assert [p.name for p in list_checkpoints(preempted)] == [f"step_{stopped_at:08d}"]
 
-    assert start(preempted).wait(timeout=600) == 0  # train.resume=auto is the default
+    rerun = start(None)  # the same command; train.resume=auto is the default
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-2000:]
+    assert f"resumed from {preempted.relative_to(tmp_path)}" in output
     assert_same_weights(final_weights(preempted), final_weights(straight), atol=1e-6)
 
 

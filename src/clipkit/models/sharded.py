@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def read_sharded_model(directory: Path) -> dict[str, torch.Tensor]:
     }
     if not state:
         raise ClipkitError(f"{directory} is a sharded checkpoint without model weights")
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {name[len(MODEL_PREFIX) :]: tensor for name, tensor in state.items()}
 
 
@@ -46,7 +49,16 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP keeps its index (`.metadata`) as a pickle; this reads it without running arbitrary code:
     only DCP's own metadata dataclasses and enums, and torch's size and dtype types, may be built."""
 
-    _ALLOWED = {("collections", "OrderedDict"), ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset")}
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # "torch.strided" -> torch.strided
+        ("pathlib", "PosixPath"),  # the checkpoint's own path, recorded by the writer
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
@@ -70,8 +82,12 @@ class SafeFileSystemReader(FileSystemReader):
     (the tensors themselves torch reads with weights_only=True)."""
 
     def read_metadata(self, *args, **kwargs):
-        with open(Path(self.path) / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise ClipkitError(f"{path} is not a readable sharded-checkpoint index ({e})") from e
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

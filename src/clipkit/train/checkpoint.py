@@ -93,7 +93,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, *, sharded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    accelerator, checkpoint: Path, *, sharded: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
     """Restore Accelerate's state into the prepared objects (and, under FSDP, the model and optimizer
     shards into `sharded`); return the trainer state."""
     trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,9 @@ class Trainer:
         # From here on each process draws its own random numbers (dropout, patch dropout); augmentation
         # is seeded per sample by the data stream, so it does not depend on this.
         set_seed(self.train_cfg.seed, device_specific=True)
-        with accelerator.main_process_first():  # the main process generates demo datasets; the others reuse them
+        with (
+            accelerator.main_process_first()
+        ):  # the main process generates demo datasets; the others reuse them
             self.data_cfg = prepare_data(data_cfg)
         self.stream = TrainStream(
             self.data_cfg,
@@ -239,11 +242,11 @@ class Trainer:
         try:
             while self.state.step < cfg.steps:
                 micro_batches = [next(batches) for _ in range(cfg.accum_steps)]
-                step = self.state.step + 1
-                log_step = step % cfg.log_every == 0 or step == cfg.steps
-                step_metrics = self.step(micro_batches, log_step=log_step)
+                step_metrics = self.step(micro_batches)
                 window_steps += 1
                 progress.update(1)
+                step = self.state.step
+                log_step = self._is_log_step(step)
                 if log_step:
                     elapsed = time.perf_counter() - window_start
                     step_metrics["samples_per_s"] = self.samples_per_step * window_steps / elapsed
@@ -267,15 +270,21 @@ class Trainer:
     def samples_per_step(self) -> int:
         return self.data_cfg.batch_size * self.train_cfg.accum_steps * self.accelerator.num_processes
 
-    def step(self, micro_batches, *, log_step: bool = True) -> dict[str, Any]:
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.train_cfg.log_every == 0 or step == self.train_cfg.steps
+
+    def step(self, micro_batches) -> dict[str, Any]:
         """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient skips it.
 
         One host sync per step (whether the step is finite); loss and gradient norm are read on log steps.
         """
+        log_step = self._is_log_step(self.state.step + 1)
         micro_batches = [self._to_device(images, tokens) for images, tokens in micro_batches]
         self.model.train()
         no_sync = gradient_sync_off if self.sharding else self.accelerator.no_sync
-        loss = contrastive_backward(self.model, self.loss_fn, micro_batches, self.accelerator, no_sync=no_sync)
+        loss = contrastive_backward(
+            self.model, self.loss_fn, micro_batches, self.accelerator, no_sync=no_sync
+        )
         grad_norm = self._clip_gradients(measure=log_step)
         loss = self.accelerator.reduce(loss, reduction="mean")  # identical on every process from here on
         fp16 = self.train_cfg.precision == "fp16"
@@ -284,8 +293,10 @@ class Trainer:
         finite = bool(torch.isfinite(checks).all())
         if finite or fp16:
             self.optimizer.step()
-        # The schedule follows the step count, skipped steps included: lr(step) is the same on resume.
-        self.scheduler.step()
+        # The schedule follows the step count, skipped steps included (lr is a function of the step).
+        with warnings.catch_warnings():  # torch warns when a skipped step leaves the optimizer unstepped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # On the sharded parameter each process clamps its own shard: the one holding the value does.
@@ -387,7 +398,11 @@ class Trainer:
         gathered = _gathered(self.model, self.sharding) if self.sharding else contextlib.nullcontext()
         with gathered:
             metrics = evaluate(
-                self.unwrapped, self.bundle, self.data_cfg, self.accelerator, precision=self.train_cfg.precision
+                self.unwrapped,
+                self.bundle,
+                self.data_cfg,
+                self.accelerator,
+                precision=self.train_cfg.precision,
             )
         if self.logger is not None and metrics:
             self.logger.log(self.state.step, metrics)

@@ -77,10 +77,15 @@ def resolve_sharding(setting: str, environ: dict[str, str] | None = None) -> Sha
         )
     for key, fix in (
         ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params: false"),
-        ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing: false and train.grad_checkpointing=true"),
+        (
+            "FSDP_ACTIVATION_CHECKPOINTING",
+            "fsdp_activation_checkpointing: false and train.grad_checkpointing=true",
+        ),
     ):
         if environ.get(key, "false").lower() == "true":
-            raise ClipkitError(f"the accelerate config sets {key.lower()}, which clipkit does not run; use {fix}")
+            raise ClipkitError(
+                f"the accelerate config sets {key.lower()}, which clipkit does not run; use {fix}"
+            )
     reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
     # FSDP1-style strategy names are accepted too (accelerate maps them the same way).
     return Sharding(reshard_after_forward=reshard not in ("false", "shard_grad_op", "2"))
@@ -106,7 +111,9 @@ def shard_model(model: torch.nn.Module, sharding: Sharding, device: torch.device
     for name in _LOGIT_PARAMS:
         param = getattr(model, name, None)
         if isinstance(param, torch.nn.Parameter) and param.ndim == 0:
-            setattr(model, name, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            setattr(
+                model, name, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
+            )
     blocks = [m for m in model.modules() if _is_block(m)]
     if not blocks:
         raise ClipkitError(

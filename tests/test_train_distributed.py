@@ -1,0 +1,269 @@
+"""Multi-process training on CPU (gloo): FSDP2 against DDP, accumulation, per-process randomness, resume
+across process counts, and the launch configs clipkit refuses.
+
+The 2-process runs are slow on a small machine, so runs are shared between assertions (module fixtures)
+and kept to the tiny model, a few steps, no data workers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from clipkit.errors import ClipkitError
+from clipkit.train import run
+from clipkit.train.sharding import Sharding, resolve_sharding
+from conftest import REPO_ROOT, run_clipkit, subprocess_env
+from test_configs import compose_config
+
+ACCELERATE = REPO_ROOT / "conf" / "accelerate"
+COMMON = (
+    "model=tiny",
+    "data=synthetic",
+    "data.generate.train_samples=256",
+    "data.generate.test_samples=40",
+    "data.generate.image_size=32",
+    "data.workers=0",
+    "data.shuffle_buffer=16",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-3",
+    # lr does not depend on train.steps, so a run stopped at step 3 and continued to 6 follows the same path
+    "optim.schedule=constant",
+)
+# The issue's setting: accumulation over 2 micro-batches, half the patches dropped.
+ACCUM_PD = ("data.batch_size=8", "train.accum_steps=2", "+model.vision_cfg.patch_dropout=0.5")
+NO_EVAL = ("data.zeroshot_dataset=null", "data.val_shards=null")
+
+
+def train(out: Path, *overrides: str, processes: str | None = "cpu-2proc", cwd: Path | None = None) -> str:
+    """Run `[accelerate launch --config_file conf/accelerate/PROCESSES.yaml] -m clipkit.train` to the end."""
+    launch = [sys.executable, "-m", "clipkit.train"]
+    if processes is not None:
+        config = ACCELERATE / f"{processes}.yaml"
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "-m",
+            "clipkit.train",
+        ]
+    result = subprocess.run(
+        [*launch, *COMMON, *overrides, f"output_dir={out}"],
+        cwd=cwd or out.parent,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "open_clip_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_metrics(out: Path) -> dict[str, float]:
+    last = [r for r in records(out) if any("/" in k for k in r)][-1]
+    return {k: v for k, v in last.items() if "/" in k}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """FSDP2 and DDP, 2 processes each, CLIP and SigLIP, 6 steps, same data and seed."""
+    root = tmp_path_factory.mktemp("fsdp_vs_ddp")
+    outs = {}
+    for loss in ("clip", "siglip"):
+        for name, processes in (("fsdp", "cpu-fsdp"), ("ddp", "cpu-2proc")):
+            out = root / f"{name}-{loss}"
+            log = train(out, f"loss={loss}", "train.steps=6", *ACCUM_PD, processes=processes)
+            if name == "fsdp":
+                assert "FSDP2 FULL_SHARD over 8 transformer blocks" in log
+            outs[f"{name}-{loss}"] = out
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_fsdp_trains_the_same_weights_and_metrics_as_ddp(runs, loss):
+    fsdp, ddp = runs[f"fsdp-{loss}"], runs[f"ddp-{loss}"]
+    assert (fsdp / "checkpoints" / "step_00000006" / "sharded" / ".metadata").is_file()  # it did shard
+    assert max_diff(weights(fsdp), weights(ddp)) <= 1e-5
+    losses = [r["loss"] for r in records(fsdp) if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in records(ddp) if "loss" in r], abs=1e-5)
+    assert len(losses) == 6
+    fsdp_metrics, ddp_metrics = eval_metrics(fsdp), eval_metrics(ddp)
+    assert "zeroshot/acc1" in fsdp_metrics and "retrieval/text_retrieval_recall@1" in fsdp_metrics
+    assert fsdp_metrics == pytest.approx(ddp_metrics, abs=1e-6)
+    # The export loads in open_clip and holds the trained weights.
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fsdp / 'model'}")
+    exported = weights(fsdp)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, exported[name]), name
+    if loss == "siglip":
+        assert model.logit_bias.shape == torch.Size([])
+
+
+@pytest.mark.slow
+def test_clipkit_export_reads_a_sharded_checkpoint(runs, tmp_path):
+    fsdp = runs["fsdp-clip"]
+    result = run_clipkit("export", str(fsdp / "checkpoints" / "step_00000006"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert max_diff(weights(fsdp), load_file(str(tmp_path / "x" / "open_clip_model.safetensors"))) == 0.0
+    open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'x'}")
+
+
+@pytest.mark.slow
+def test_fsdp_stop_and_resume_equals_the_uninterrupted_run(runs, tmp_path):
+    out = tmp_path / "resumed"
+    train(out, "loss=clip", "train.steps=3", *ACCUM_PD, *NO_EVAL, processes="cpu-fsdp")
+    log = train(out, "loss=clip", "train.steps=6", *ACCUM_PD, processes="cpu-fsdp")
+    assert "resumed from" in log and "step_00000003" in log
+    assert max_diff(weights(out), weights(runs["fsdp-clip"])) <= 1e-6
+
+
+@pytest.mark.slow
+def test_accumulation_with_patch_dropout_equals_one_batch_of_twice_the_size(runs, tmp_path):
+    """2-process DDP: 2 micro-batches of 8 (GradCache replay of the masks) == one batch of 16."""
+    out = tmp_path / "big"
+    train(out, "loss=clip", "train.steps=6", "data.batch_size=16", "+model.vision_cfg.patch_dropout=0.5")
+    assert max_diff(weights(out), weights(runs["ddp-clip"])) <= 1e-5
+
+
+@pytest.mark.slow
+def test_processes_draw_different_patch_dropout_masks(tmp_path):
+    out = tmp_path / "masks.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ACCELERATE / "cpu-2proc.yaml"),
+            str(REPO_ROOT / "tests" / "draw_patch_dropout_masks.py"),
+            str(out),
+            *COMMON,
+            *ACCUM_PD,
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert len(rank0[0]) == 1 + 32  # the class token and half of the 64 patches
+    assert rank0 != rank1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(None, "cpu-2proc"), ("cpu-2proc", None)])
+def test_resume_on_another_number_of_processes_finishes(tmp_path, first, then):
+    out = tmp_path / "run"
+    short = ("loss=clip", "data.batch_size=8", *NO_EVAL)
+    train(out, *short, "train.steps=2", "train.checkpoint_every=2", processes=first)
+    log = train(out, *short, "train.steps=4", "train.checkpoint_every=2", processes=then)
+    assert "resumed from" in log and "restarts at the beginning of epoch" in log
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert (out / "model" / "open_clip_model.safetensors").is_file()
+
+
+def test_deepspeed_is_refused_at_start_pointing_to_shard_grad_op(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ClipkitError, match="fsdp-shard-grad-op.yaml"):
+        run(compose_config(*COMMON, "train.steps=1", f"output_dir={tmp_path / 'run'}"))
+    assert not (tmp_path / "run").exists()
+    assert not (ACCELERATE / "deepspeed-zero2.yaml").exists()
+
+
+def test_sharding_follows_the_launch_config_and_refuses_fsdp1():
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert resolve_sharding("auto", {}) is None
+    assert resolve_sharding("auto", {**fsdp, "FSDP_RESHARD_AFTER_FORWARD": "true"}) == Sharding(True)
+    assert resolve_sharding("auto", {**fsdp, "FSDP_RESHARD_AFTER_FORWARD": "false"}) == Sharding(False)
+    assert resolve_sharding("grad_op", {}) == Sharding(False)
+    assert resolve_sharding("none", fsdp) is None
+    with pytest.raises(ClipkitError, match="fsdp_version: 2"):
+        resolve_sharding("auto", {**fsdp, "FSDP_VERSION": "1"})
+    with pytest.raises(ClipkitError, match="train.sharding"):
+        resolve_sharding("zero3", {})
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp-shard-grad-op", "cpu-fsdp"])
+def test_shipped_fsdp_configs_are_fsdp2(name):
+    import yaml
+
+    config = yaml.safe_load((ACCELERATE / f"{name}.yaml").read_text())
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+    assert config["fsdp_config"]["fsdp_reshard_after_forward"] is (name != "fsdp-shard-grad-op")
+
+
+def test_slurm_script_stops_training_on_the_warning_signal_and_requeues(tmp_path):
+    """scripts/slurm_train.sh with stand-ins for srun and scontrol: USR1 (Slurm's warning before the time
+    limit) reaches training as SIGTERM, and the job is requeued after training exits."""
+    import os
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls, stopped = tmp_path / "scontrol.log", tmp_path / "stopped"
+    (bin_dir / "srun").write_text(
+        f"#!/usr/bin/env bash\ntrap 'echo \"$*\" > {stopped}; exit 0' TERM\nwhile true; do sleep 0.1; done\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {calls}\n[ "$1" = show ] && echo node1\nexit 0\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    env.update(SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", GPUS_PER_NODE="1")
+    script = subprocess.Popen(
+        ["bash", str(REPO_ROOT / "scripts" / "slurm_train.sh"), "experiment=quickstart"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1.0)
+    script.send_signal(signal.SIGUSR1)
+    output, _ = script.communicate(timeout=60)
+    assert script.returncode == 0, output
+    assert "-m clipkit.train experiment=quickstart" in stopped.read_text()  # training got SIGTERM
+    assert calls.read_text().splitlines()[-1] == "requeue 42"
+
+
+def test_default_output_dir_is_the_same_for_the_same_command():
+    from clipkit.train.loop import default_output_dir
+
+    first = default_output_dir(compose_config("model=tiny", "train.steps=5"))
+    assert first == default_output_dir(compose_config("model=tiny", "train.steps=5"))
+    assert first == default_output_dir(compose_config("model=tiny", "train.steps=5", "train.resume=none"))
+    assert first != default_output_dir(compose_config("model=tiny", "train.steps=6"))
+    assert first.parent == Path("runs") and first.name.startswith("tiny-")
