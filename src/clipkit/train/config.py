@@ -40,6 +40,7 @@ class TrainConfig:
     keep_freed_memory: bool = True  # reuse freed host memory across steps (clipkit.train.allocator)
     sharding: str = "auto"  # auto (from the accelerate launch config) | none (DDP) | full | grad_op (FSDP2)
     tf32: bool = True  # TF32 tensor cores for float32 matmuls on Ampere+ GPUs
+    uint8_images: bool = True  # images travel as uint8 and are normalised on the device (train.device_input)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

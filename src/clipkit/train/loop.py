@@ -27,6 +27,7 @@ from clipkit.models import ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
+from clipkit.train.device_input import split_normalisation
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
@@ -119,13 +120,15 @@ class Trainer:
         # From here on each process draws its own random numbers (dropout, patch dropout); augmentation
         # is seeded per sample by the data stream, so it does not depend on this.
         set_seed(self.train_cfg.seed, device_specific=True)
-        with (
-            accelerator.main_process_first()
-        ):  # the main process generates demo datasets; the others reuse them
+        # The main process generates demo datasets; the others reuse them.
+        with accelerator.main_process_first():
             self.data_cfg = prepare_data(data_cfg)
+        transform, self.normalise = self.bundle.train_transform, None
+        if self.train_cfg.uint8_images:
+            transform, self.normalise = split_normalisation(transform) or (transform, None)
         self.stream = TrainStream(
             self.data_cfg,
-            transform=self.bundle.train_transform,
+            transform=transform,
             tokenizer=self.bundle.tokenizer,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
@@ -310,7 +313,10 @@ class Trainer:
     def _to_device(self, images: torch.Tensor, tokens: torch.Tensor):
         device = self.accelerator.device
         # non_blocking: from pinned memory (CUDA) the copy overlaps the previous step's work.
-        return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)  # uint8 (B, 3, H, W) with train.uint8_images
+        if self.normalise is not None:
+            images = self.normalise(images)  # float32 (B, 3, H, W), as the model's transform makes them
+        return images, tokens.to(device, non_blocking=True)
 
     def _clip_gradients(self, *, measure: bool) -> torch.Tensor | None:
         """Clip to optim.grad_clip_norm and return the global gradient norm; without clipping, measure it
