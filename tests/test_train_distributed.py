@@ -89,6 +89,14 @@ def eval_metrics(out: Path) -> dict[str, float]:
     return {k: v for k, v in last.items() if "/" in k}
 
 
+# SigLIP runs also cover SHARD_GRAD_OP, gradient clipping (a global norm over shards), gradient
+# checkpointing and evaluation in the middle of training.
+EXTRA = {
+    "clip": (),
+    "siglip": ("optim.grad_clip_norm=1.0", "train.grad_checkpointing=true", "train.eval_every=3"),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """FSDP2 and DDP, 2 processes each, CLIP and SigLIP, 6 steps, same data and seed."""
@@ -97,9 +105,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for loss in ("clip", "siglip"):
         for name, processes in (("fsdp", "cpu-fsdp"), ("ddp", "cpu-2proc")):
             out = root / f"{name}-{loss}"
-            log = train(out, f"loss={loss}", "train.steps=6", *ACCUM_PD, processes=processes)
+            overrides = [f"loss={loss}", "train.steps=6", *ACCUM_PD, *EXTRA[loss]]
+            if name == "fsdp" and loss == "siglip":
+                overrides.append("train.sharding=grad_op")
+            log = train(out, *overrides, processes=processes)
             if name == "fsdp":
-                assert "FSDP2 FULL_SHARD over 8 transformer blocks" in log
+                strategy = "SHARD_GRAD_OP" if loss == "siglip" else "FULL_SHARD"
+                assert f"FSDP2 {strategy} over 8 transformer blocks" in log
             outs[f"{name}-{loss}"] = out
     return outs
 
@@ -113,6 +125,11 @@ def test_fsdp_trains_the_same_weights_and_metrics_as_ddp(runs, loss):
     losses = [r["loss"] for r in records(fsdp) if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in records(ddp) if "loss" in r], abs=1e-5)
     assert len(losses) == 6
+    # The gradient norm (clipped by under SigLIP) is the global one, not a shard's.
+    norms = [r["grad_norm"] for r in records(fsdp) if "loss" in r]
+    assert norms == pytest.approx([r["grad_norm"] for r in records(ddp) if "loss" in r], rel=1e-4)
+    fsdp_evals = [r for r in records(fsdp) if "zeroshot/acc1" in r]
+    assert [r["step"] for r in fsdp_evals] == ([3, 6] if loss == "siglip" else [6])
     fsdp_metrics, ddp_metrics = eval_metrics(fsdp), eval_metrics(ddp)
     assert "zeroshot/acc1" in fsdp_metrics and "retrieval/text_retrieval_recall@1" in fsdp_metrics
     assert fsdp_metrics == pytest.approx(ddp_metrics, abs=1e-6)

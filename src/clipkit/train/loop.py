@@ -477,14 +477,12 @@ def _set_tf32(config: TrainConfig, device: torch.device) -> None:
 
 def _autocast_forward(model: torch.nn.Module, accelerator) -> None:
     """What Accelerate's prepare does for a model it wraps: forward under autocast, outputs in float32."""
-    from types import MethodType
-
     from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
 
     if not accelerator.native_amp:
         return
     context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
-    model.forward = MethodType(convert_outputs_to_fp32(context(type(model).forward)), model)
+    model.forward = convert_outputs_to_fp32(context(model.forward))
 
 
 @contextlib.contextmanager

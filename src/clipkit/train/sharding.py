@@ -22,6 +22,7 @@ What FSDP changes for the loop, and where it is handled:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -123,8 +124,26 @@ def shard_model(model: torch.nn.Module, sharding: Sharding, device: torch.device
     for block in blocks:
         fully_shard(block, reshard_after_forward=sharding.reshard_after_forward)
     fully_shard(model, reshard_after_forward=sharding.reshard_after_forward)
+    _copy_returned_parameters(model)
     log.info("FSDP2 %s over %d transformer blocks + the root", sharding.name, len(blocks))
     return model
+
+
+def _copy_returned_parameters(model: torch.nn.Module) -> None:
+    """open_clip's forward returns `self.logit_bias` itself. Under FSDP that is the gathered parameter,
+    whose memory is freed when the root reshards after forward: reading it later reads freed memory
+    (a crash, or garbage). Returned parameters are copied while still inside forward; gradients flow
+    through the copy to the gathered parameter as before."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_with_copies(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.clone() if isinstance(o, torch.nn.Parameter) else o for o in out)
+        return out
+
+    model.forward = forward_with_copies
 
 
 def _is_block(module: torch.nn.Module) -> bool:
