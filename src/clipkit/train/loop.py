@@ -196,6 +196,12 @@ class Trainer:
         saved = load_checkpoint(
             self.accelerator, checkpoint, sharded=(self.model, self.optimizer) if self.sharding else None
         )
+        if self.sharding is not None:
+            # The sharded checkpoint holds optimizer tensors, not param_groups: the learning rate the
+            # restored schedule is at goes back into the groups (Accelerate's optimizer file does this
+            # under DDP). Without it the first resumed step would use the rate of step 0.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         self.state = RunState(**saved["run"])
         data_states = saved["data"]
         rank = self.accelerator.process_index
