@@ -28,7 +28,9 @@ ACCELERATE = REPO_ROOT / "conf" / "accelerate"
 COMMON = (
     "model=tiny",
     "data=synthetic",
-    "data.generate.train_samples=256",
+    # Three shards: each process reads whole shards, so its samples, in order, do not depend on the batch
+    # size (with fewer shards than processes the stream deals out blocks of batch_size samples instead).
+    "data.generate.train_samples=2560",
     "data.generate.test_samples=40",
     "data.generate.image_size=32",
     "data.workers=0",
@@ -284,3 +286,17 @@ def test_default_output_dir_is_the_same_for_the_same_command():
     assert first == default_output_dir(compose_config("model=tiny", "train.steps=5", "train.resume=none"))
     assert first != default_output_dir(compose_config("model=tiny", "train.steps=6"))
     assert first.parent == Path("runs") and first.name.startswith("tiny-")
+
+
+def test_a_sharded_checkpoint_index_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from clipkit.models.sharded import read_sharded_model
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(ClipkitError, match="refusing to load it"):
+        read_sharded_model(tmp_path)
