@@ -167,7 +167,11 @@ def test_accumulation_with_patch_dropout_equals_one_batch_of_twice_the_size(runs
     """2-process DDP: 2 micro-batches of 8 (GradCache replay of the masks) == one batch of 16."""
     out = tmp_path / "big"
     train(out, "loss=clip", "train.steps=6", "data.batch_size=16", "+model.vision_cfg.patch_dropout=0.5")
-    assert max_diff(weights(out), weights(runs["ddp-clip"])) <= 1e-5
+    accumulated = [r["loss"] for r in records(runs["ddp-clip"]) if "loss" in r]
+    assert [r["loss"] for r in records(out) if "loss" in r] == pytest.approx(accumulated, abs=1e-6)
+    # Summation order differs (two matmuls of 8 vs one of 16); AdamW at lr 1e-3 divides tiny gradients by
+    # their own size, so the weights carry ~1e-5 of that. Other masks than the first pass's give ~1e-2.
+    assert max_diff(weights(out), weights(runs["ddp-clip"])) <= 5e-5
 
 
 @pytest.mark.slow
