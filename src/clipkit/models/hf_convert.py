@@ -498,6 +498,6 @@ def from_hf_state_dict(
         hf_state, rules, {k: v for k, v in target.items() if not (clip_bias and k == "logit_bias")}, forward=False
     )
     if clip_bias:
-        state_dict["logit_bias"] = torch.full_like(target["logit_bias"], float(config.logit_bias))
+        state_dict["logit_bias"] = torch.full(target["logit_bias"].shape, float(config.logit_bias))
     return state_dict
 
