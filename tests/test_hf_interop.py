@@ -39,7 +39,9 @@ def _train_a_few_steps(bundle, loss, steps: int = 3) -> None:
         images = torch.randn(len(CAPTIONS), 3, *size)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         text_features = F.normalize(model.encode_text(tokens), dim=-1)
-        value = loss(image_features, text_features, model.logit_scale.exp(), getattr(model, "logit_bias", None))
+        value = loss(
+            image_features, text_features, model.logit_scale.exp(), getattr(model, "logit_bias", None)
+        )
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -187,7 +189,9 @@ def test_pipeline_agrees_with_clipkit_classify(exported, capsys):
         "config.json"
     ).read_text().count('"model_type": "siglip"') > 0
     for result in ours:
-        theirs = classify(result["image"], candidate_labels=LABELS, hypothesis_template=TEMPLATE.replace("{c}", "{}"))
+        theirs = classify(
+            result["image"], candidate_labels=LABELS, hypothesis_template=TEMPLATE.replace("{c}", "{}")
+        )
         assert theirs[0]["label"] == result["top"][0]["label"], result["image"]
         if same_probabilities:
             ours_by_label = {t["label"]: t["probability"] for t in result["top"]}
@@ -227,7 +231,8 @@ def test_clip_bpe_tokenizer_gives_open_clip_ids(tmp_path):
     expected = ours(texts)
     theirs = tokenizer(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
     for row_ours, row_theirs in zip(expected, theirs["input_ids"], strict=True):
-        end = int((row_ours == 49407).nonzero()[0]) + 1  # transformers pads with the end token, open_clip with 0
+        # transformers pads with the end token, open_clip with 0.
+        end = int((row_ours == 49407).nonzero()[0]) + 1
         assert row_theirs[:end].tolist() == row_ours[:end].tolist()
         assert (row_theirs[end:] == 49407).all()
 
@@ -253,7 +258,10 @@ def test_unsupported_text_pooling_is_refused_in_python():
         "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 1, "width": 32, "head_width": 16},
         "text_cfg": {"context_length": 8, "width": 32, "heads": 2, "layers": 1, "pool_type": "last", "qk_norm": True},
     })  # fmt: skip
-    with pytest.raises(ClipkitError, match=r"text_cfg.qk_norm=True.*text_cfg.pool_type='last'|text_cfg.pool_type='last'.*qk_norm"):
+    with pytest.raises(
+        ClipkitError,
+        match=r"text_cfg.qk_norm=True.*text_cfg.pool_type='last'|text_cfg.pool_type='last'.*qk_norm",
+    ):
         export_transformers(bundle, "/nonexistent/never-written")
 
 
@@ -283,7 +291,11 @@ def test_zeroshot_runs_offline_on_a_cached_transformers_checkpoint(tmp_path):
         (dataset / label).mkdir(parents=True)
         for i, image in enumerate(make_images(2, seed=seed, size=(32, 32))):
             image.save(dataset / label / f"{i}.png")
-    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "CLIPKIT_CACHE": str(tmp_path / "cache")}
+    env = {
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_OFFLINE": "1",
+        "CLIPKIT_CACHE": str(tmp_path / "cache"),
+    }
     result = run_clipkit(
         "zeroshot", "--model", "hf:my-org/tiny-clip", "--dataset", str(dataset), "--workers", "0",
         "--output", str(tmp_path / "results.json"), **env,

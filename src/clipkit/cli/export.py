@@ -14,7 +14,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="run dir, model dir, hf:ORG/NAME, conf/model name or open_clip architecture")
+    parser.add_argument(
+        "source", help="run dir, model dir, hf:ORG/NAME, conf/model name or open_clip architecture"
+    )
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument(
         "--format", choices=("open_clip", "hf"), default="open_clip",

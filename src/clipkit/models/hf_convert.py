@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,13 +28,22 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from clipkit.errors import ClipkitError
 
+log = logging.getLogger(__name__)
+
 OPEN_CLIP_LN_EPS = 1e-5  # open_clip's LayerNorm default, unless norm_kwargs.eps says otherwise
 CLIP_BPE_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer: <start_of_text> = 49406, <end_of_text> = 49407
 CLIP_BPE_EOT = 49407
 # transformers' CLIPTextModel pools at argmax(input_ids) when eos_token_id == 2 (configs from before
 # transformers PR #24773) and at the first eos_token_id otherwise.
 HF_LEGACY_ARGMAX_EOS_ID = 2
-_NO_CUSTOM_BLOCK = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+_NO_CUSTOM_BLOCK = (
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+)
 
 
 def require_transformers():
@@ -52,7 +62,8 @@ def require_transformers():
 
 
 def hf_layout(model_cfg: Mapping[str, Any]) -> str:
-    """"clip" or "siglip"; a ClipkitError naming every blocking key otherwise."""
+    """The transformers layout of `model_cfg`, "clip" or "siglip"; a ClipkitError naming every blocking key
+    otherwise."""
     vision = {**_dataclass_defaults(CLIPVisionCfg), **model_cfg.get("vision_cfg", {})}
     text = {**_dataclass_defaults(CLIPTextCfg), **model_cfg.get("text_cfg", {})}
     layout = "siglip" if vision.get("timm_model_name") else "clip"
@@ -139,7 +150,9 @@ def _act_kwargs(hidden_act: str) -> tuple[bool, dict[str, Any] | None]:
         return False, None
     if hidden_act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):  # all three are the tanh approximation
         return False, {"approximate": "tanh"}
-    raise ClipkitError(f"hidden_act {hidden_act!r} has no open_clip equivalent (quick_gelu, gelu, gelu_pytorch_tanh)")
+    raise ClipkitError(
+        f"hidden_act {hidden_act!r} has no open_clip equivalent (quick_gelu, gelu, gelu_pytorch_tanh)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +221,8 @@ def _siglip_vision_config(trunk: torch.nn.Module, model_cfg: Mapping[str, Any]) 
         "no register tokens": getattr(trunk, "reg_token", 0) is None,
         "no pre-norm": isinstance(getattr(trunk, "norm_pre", None), torch.nn.Identity),
         "no layer scale": block is not None and isinstance(getattr(block, "ls1", None), torch.nn.Identity),
-        "no qk-norm": block is not None and isinstance(getattr(block.attn, "q_norm", None), torch.nn.Identity),
+        "no qk-norm": block is not None
+        and isinstance(getattr(block.attn, "q_norm", None), torch.nn.Identity),
         "a plain MAP head": _is_plain_map_head(getattr(trunk, "attn_pool", None)),
         "no fc_norm": isinstance(getattr(trunk, "fc_norm", None), torch.nn.Identity),
         "a fixed image size": not getattr(trunk, "dynamic_img_size", False),
@@ -317,6 +331,12 @@ def open_clip_cfg_from_hf(config) -> dict[str, Any]:
         if getattr(config, "logit_bias", None) is not None:
             model_cfg["init_logit_bias"] = float(config.logit_bias)
         return model_cfg
+    if vision.hidden_act != "gelu":
+        # timm's SigLIP ViT has exact GELU; open_clip's own ports of Google's SigLIP accept the same gap.
+        log.warning(
+            "the SigLIP image tower uses %s; open_clip's timm tower computes exact GELU, so image embeddings "
+            "differ slightly from transformers'", vision.hidden_act,
+        )  # fmt: skip
     text_cfg.update(no_causal_mask=True, proj_bias=True, pool_type="last")
     model_cfg = {
         "embed_dim": text.projection_size,
@@ -395,7 +415,9 @@ def weight_rules(layout: str, open_clip_state: Mapping[str, torch.Tensor], confi
             ((f"{text}text_projection",), ("text_projection.weight",), True),
         ]
         for i in range(config.vision_config.num_hidden_layers):
-            rules += _open_clip_block(f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}.")
+            rules += _open_clip_block(
+                f"visual.transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+            )
         return rules
     trunk, head = "visual.trunk.", "vision_model.head."
     rules += [
@@ -405,8 +427,16 @@ def weight_rules(layout: str, open_clip_state: Mapping[str, torch.Tensor], confi
         ((f"{trunk}pos_embed",), ("vision_model.embeddings.position_embedding.weight",), False),
         *_pair(f"{trunk}norm", "vision_model.post_layernorm"),
         ((f"{trunk}attn_pool.latent",), (f"{head}probe",), False),
-        ((f"{trunk}attn_pool.q.weight", f"{trunk}attn_pool.kv.weight"), (f"{head}attention.in_proj_weight",), False),
-        ((f"{trunk}attn_pool.q.bias", f"{trunk}attn_pool.kv.bias"), (f"{head}attention.in_proj_bias",), False),
+        (
+            (f"{trunk}attn_pool.q.weight", f"{trunk}attn_pool.kv.weight"),
+            (f"{head}attention.in_proj_weight",),
+            False,
+        ),
+        (
+            (f"{trunk}attn_pool.q.bias", f"{trunk}attn_pool.kv.bias"),
+            (f"{head}attention.in_proj_bias",),
+            False,
+        ),
         *_pair(f"{trunk}attn_pool.proj", f"{head}attention.out_proj"),
         *_pair(f"{trunk}attn_pool.norm", f"{head}layernorm"),
         *_pair(f"{trunk}attn_pool.mlp.fc1", f"{head}mlp.fc1"),
@@ -453,7 +483,11 @@ def _timm_block(prefix: str, hf: str) -> list[Rule]:
 
 
 def convert_state_dict(
-    source: Mapping[str, torch.Tensor], rules: list[Rule], target: Mapping[str, torch.Tensor], *, forward: bool
+    source: Mapping[str, torch.Tensor],
+    rules: list[Rule],
+    target: Mapping[str, torch.Tensor],
+    *,
+    forward: bool,
 ) -> dict[str, torch.Tensor]:
     """`source` renamed and reshaped into `target`'s names and shapes. forward: open_clip -> transformers."""
     out: dict[str, torch.Tensor] = {}
@@ -473,7 +507,9 @@ def convert_state_dict(
         else:
             sizes = [target[n].shape[0] for n in names_out]
         if tensor.shape[0] != sum(sizes):
-            raise ClipkitError(f"{names_in[0]}: {tuple(tensor.shape)} does not fit {names_out} (sizes {sizes})")
+            raise ClipkitError(
+                f"{names_in[0]}: {tuple(tensor.shape)} does not fit {names_out} (sizes {sizes})"
+            )
         for name, part in zip(names_out, tensor.split(sizes), strict=True):
             out[name] = part.reshape(target[name].shape).clone().contiguous()
     unused = sorted(set(source) - used)
@@ -492,12 +528,15 @@ def from_hf_state_dict(
     weights."""
     target = model.state_dict()
     rules = weight_rules(hf_layout(model_cfg), target, config)
-    hf_state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}  # non-persistent in new versions
+    # position_ids buffers: saved by older transformers versions, not parameters.
+    hf_state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}
     clip_bias = config.model_type == "clip" and "logit_bias" in target  # from the config, not the weights
     state_dict = convert_state_dict(
-        hf_state, rules, {k: v for k, v in target.items() if not (clip_bias and k == "logit_bias")}, forward=False
+        hf_state,
+        rules,
+        {k: v for k, v in target.items() if not (clip_bias and k == "logit_bias")},
+        forward=False,
     )
     if clip_bias:
         state_dict["logit_bias"] = torch.full(target["logit_bias"].shape, float(config.logit_bias))
     return state_dict
-

@@ -43,7 +43,9 @@ def export_transformers(
     transformers = require_transformers()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ClipkitError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
+        raise ClipkitError(
+            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
+        )
     layout = hf_layout(bundle.model_cfg)  # fails early, before any file is written
     preprocessor = preprocessor_config(bundle.preprocess_cfg, layout)
     tokenizer, token_ids = hf_tokenizer(bundle, layout, transformers)
@@ -84,7 +86,9 @@ def hf_tokenizer(bundle: ModelBundle, layout: str, transformers) -> tuple[Any, d
             )
         hf = clip_bpe_tokenizer(tokenizer, context_length, transformers)
         # argmax pooling finds the end token when it is the largest id, as in the CLIP BPE vocabulary.
-        argmax_eos = CLIP_BPE_EOT if text_cfg.get("vocab_size", CLIP_BPE_VOCAB_SIZE) == CLIP_BPE_VOCAB_SIZE else None
+        argmax_eos = (
+            CLIP_BPE_EOT if text_cfg.get("vocab_size", CLIP_BPE_VOCAB_SIZE) == CLIP_BPE_VOCAB_SIZE else None
+        )
         ids = {"pad_token_id": hf.pad_token_id, "bos_token_id": hf.bos_token_id}
     elif isinstance(tokenizer, SentencePieceTokenizer):
         # Its own save_pretrained writes T5Tokenizer files, which give the same ids (models/tokenizer.py).
@@ -148,7 +152,9 @@ def preprocessor_config(preprocess_cfg: Mapping[str, Any], layout: str) -> dict[
     }
     if resize_mode == "shortest":  # resize the shortest edge, centre-crop: CLIP's processor
         if height != width:
-            raise ClipkitError(f"preprocess_cfg size={size}: shortest-edge resizing exports for square sizes only")
+            raise ClipkitError(
+                f"preprocess_cfg size={size}: shortest-edge resizing exports for square sizes only"
+            )
         return {
             "image_processor_type": "CLIPImageProcessor",
             **common,

@@ -48,7 +48,9 @@ _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 def is_transformers_dir(path: Path) -> bool:
     """A directory holding a transformers config.json and weights."""
-    return path.is_dir() and (path / CONFIG_NAME).is_file() and any((path / n).is_file() for n in WEIGHTS_NAMES)
+    return (
+        path.is_dir() and (path / CONFIG_NAME).is_file() and any((path / n).is_file() for n in WEIGHTS_NAMES)
+    )
 
 
 def snapshot_from_cache(text: str) -> Path:
@@ -78,7 +80,9 @@ def resolve_transformers_dir(path: Path, *, source: str) -> ResolvedModel:
     hf_state = read_state_dict(weights)
     state_dict = from_hf_state_dict(_template(model_cfg), model_cfg, hf_state, config)
     return ResolvedModel(
-        name=source.removeprefix(HF_PREFIX).split("/")[-1] if source.startswith(HF_PREFIX) else path.resolve().name,
+        name=source.removeprefix(HF_PREFIX).split("/")[-1]
+        if source.startswith(HF_PREFIX)
+        else path.resolve().name,
         model_cfg=model_cfg,
         preprocess=_preprocess(path, model_cfg),
         tokenizer=tokenizer,
@@ -124,7 +128,9 @@ def _tokenizer(path: Path, model_cfg: dict[str, Any], config, *, source: str) ->
     hf = transformers.AutoTokenizer.from_pretrained(str(path))
     if config.model_type == "clip" and _is_clip_bpe(hf):
         return TokenizerSpec()  # open_clip's SimpleTokenizer: no hf_tokenizer_name
-    text_cfg["hf_tokenizer_name"] = source.removeprefix(HF_PREFIX) if source.startswith(HF_PREFIX) else str(path)
+    text_cfg["hf_tokenizer_name"] = (
+        source.removeprefix(HF_PREFIX) if source.startswith(HF_PREFIX) else str(path)
+    )
     if type(hf).__name__.startswith("Siglip"):
         text_cfg["tokenizer_kwargs"] = {"clean": "canonicalize"}  # as open_clip's own SigLIP configs
     return TokenizerSpec(hf_dir=path)
@@ -156,7 +162,9 @@ def _preprocess(path: Path, model_cfg: dict[str, Any]) -> dict[str, Any]:
     if values.get("resample") in _INTERPOLATION:
         preprocess["interpolation"] = _INTERPOLATION[values["resample"]]
     size = values.get("size") or {}
-    preprocess["resize_mode"] = "shortest" if values.get("do_center_crop") or "shortest_edge" in size else "squash"
+    preprocess["resize_mode"] = (
+        "shortest" if values.get("do_center_crop") or "shortest_edge" in size else "squash"
+    )
     resized = size.get("shortest_edge", size.get("height"))
     image_size = model_cfg["vision_cfg"]["image_size"]
     if resized is not None and resized != image_size:
