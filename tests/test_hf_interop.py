@@ -317,3 +317,25 @@ def test_zeroshot_runs_offline_on_a_cached_transformers_checkpoint(tmp_path):
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and "my-org/not-cached" in lines[0] and "hf download" in lines[0], missing.stderr
+
+
+@pytest.mark.slow  # a short training run (data generation, 2 steps, evaluation)
+def test_card_of_a_siglip_run_names_its_data_steps_metrics_and_bias(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
+    from clipkit.train import run
+    from test_train import small_config
+
+    AcceleratorState._reset_state(True)
+    out = tmp_path / "run"
+    run(small_config(out, "loss=siglip", "train.steps=2", "train.checkpoint_every=100"))
+    AcceleratorState._reset_state(True)
+    assert clipkit_main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    last_eval = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    acc1 = last_eval["zeroshot/acc1"]
+    assert "- loss: SigLipLoss" in card and "- steps: 2" in card and "data `train_shards`" in card
+    assert f"| zeroshot/acc1 | {acc1:.4f} |" in card
+    bias = build_model(str(out)).model.logit_bias.item()
+    assert f"| logit bias | {bias:.4f} |" in card
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["logit_bias"] == pytest.approx(bias)

@@ -49,12 +49,19 @@ _NO_CUSTOM_BLOCK = (
 def require_transformers():
     """transformers, imported on first use: only the export/import to Hugging Face needs it."""
     try:
-        return importlib.import_module("transformers")
+        transformers = importlib.import_module("transformers")
     except ImportError:
         raise ClipkitError(
             "converting to or from Hugging Face transformers needs the `transformers` package: "
-            "pip install transformers"
+            "pip install 'transformers>=5'"
         ) from None
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:  # the tokenizer export builds tokenizers with transformers 5's constructors
+        raise ClipkitError(
+            f"converting to or from Hugging Face transformers needs transformers>=5, found "
+            f"{transformers.__version__}: pip install -U 'transformers>=5'"
+        )
+    return transformers
 
 
 # ----------------------------------------------------------------------------------------------------------

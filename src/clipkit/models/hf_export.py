@@ -217,8 +217,8 @@ def model_card(bundle: ModelBundle, config, layout: str, run: dict[str, Any] | N
         "---",
         f"# {bundle.name}",
         "",
-        f"A contrastive image-text model trained with [clipkit](https://github.com/) on open_clip towers, "
-        f"exported as a transformers `{model_class}`.",
+        f"A contrastive image-text model on open_clip towers, exported by clipkit as a transformers "
+        f"`{model_class}`. Below, DIR is this directory (or its name on the Hugging Face hub).",
         "",
         "## Architecture",
         "",
