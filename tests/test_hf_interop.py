@@ -277,6 +277,7 @@ def _hf_cache(root, repo_id: str, files_dir) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
+@pytest.mark.slow  # two command-line runs
 def test_zeroshot_runs_offline_on_a_cached_transformers_checkpoint(tmp_path):
     bundle = build_model("tiny")
     hf_dir = export_transformers(bundle, tmp_path / "export")
@@ -339,3 +340,22 @@ def test_card_of_a_siglip_run_names_its_data_steps_metrics_and_bias(tmp_path, ca
     bias = build_model(str(out)).model.logit_bias.item()
     assert f"| logit bias | {bias:.4f} |" in card
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["logit_bias"] == pytest.approx(bias)
+
+
+def test_imported_checkpoint_exports_to_open_clip_with_equal_embeddings(exported, tmp_path):
+    import open_clip
+
+    bundle, _, hf_dir, _ = exported
+    if "timm_model_name" in bundle.model_cfg["vision_cfg"]:
+        pytest.skip("open_clip's local-dir loader builds timm towers at their default image size, not 32 px")
+    out = export_model(build_model(str(hf_dir)), tmp_path / "open_clip")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    torch.testing.assert_close(tokenizer(CAPTIONS), bundle.tokenizer(CAPTIONS), rtol=0, atol=0)
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, *bundle.model.visual.image_size)
+    with torch.no_grad():
+        assert (model.encode_image(images) - bundle.model.encode_image(images)).abs().max() <= 1e-6
+        tokens = bundle.tokenizer(CAPTIONS)
+        assert (model.encode_text(tokens) - bundle.model.encode_text(tokens)).abs().max() <= 1e-6

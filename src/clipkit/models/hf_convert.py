@@ -74,7 +74,7 @@ def hf_layout(model_cfg: Mapping[str, Any]) -> str:
     vision = {**_dataclass_defaults(CLIPVisionCfg), **model_cfg.get("vision_cfg", {})}
     text = {**_dataclass_defaults(CLIPTextCfg), **model_cfg.get("text_cfg", {})}
     layout = "siglip" if vision.get("timm_model_name") else "clip"
-    blocking = _blocking_keys(vision, text, layout)
+    blocking = _blocking_keys(vision, text, layout, quick_gelu=bool(model_cfg.get("quick_gelu", False)))
     if blocking:
         target = "SiglipModel" if layout == "siglip" else "CLIPModel"
         raise ClipkitError(
@@ -85,7 +85,7 @@ def hf_layout(model_cfg: Mapping[str, Any]) -> str:
     return layout
 
 
-def _blocking_keys(vision: dict, text: dict, layout: str) -> list[str]:
+def _blocking_keys(vision: dict, text: dict, layout: str, *, quick_gelu: bool) -> list[str]:
     blocking = []
 
     def need(tower: str, cfg: dict, key: str, ok: bool) -> None:
@@ -102,7 +102,7 @@ def _blocking_keys(vision: dict, text: dict, layout: str) -> list[str]:
         need("vision_cfg", vision, "pos_embed_type", vision["pos_embed_type"] == "learnable")
         # final_ln_after_pool is fine here: LayerNorm acts per token, so it commutes with picking the class token.
         need("vision_cfg", vision, "pool_type", vision["pool_type"] == "tok")
-        _check_common_block(need, "vision_cfg", vision)
+        _check_common_block(need, "vision_cfg", vision, quick_gelu)
     else:
         need("vision_cfg", vision, "timm_pool", vision["timm_pool"] == "map")
         need("vision_cfg", vision, "timm_proj", vision["timm_proj"] in ("none", "", None))
@@ -110,7 +110,7 @@ def _blocking_keys(vision: dict, text: dict, layout: str) -> list[str]:
     need("text_cfg", text, "ls_init_value", text["ls_init_value"] is None)
     need("text_cfg", text, "embed_cls", not text["embed_cls"])
     need("text_cfg", text, "proj_type", text["proj_type"] == "linear")
-    _check_common_block(need, "text_cfg", text)
+    _check_common_block(need, "text_cfg", text, quick_gelu)
     if layout == "clip":  # CLIPTextModel: causal, pooled at the end token, projection without bias
         need("text_cfg", text, "no_causal_mask", not text["no_causal_mask"])
         need("text_cfg", text, "pool_type", text["pool_type"] in ("argmax", "eos"))
@@ -124,12 +124,12 @@ def _blocking_keys(vision: dict, text: dict, layout: str) -> list[str]:
     return blocking
 
 
-def _check_common_block(need, tower: str, cfg: dict) -> None:
+def _check_common_block(need, tower: str, cfg: dict, quick_gelu: bool) -> None:
     need(tower, cfg, "block_type", cfg.get("block_type") in (None, "default"))
     for key in _NO_CUSTOM_BLOCK:
         need(tower, cfg, key, not cfg.get(key))
     need(tower, cfg, "norm_kwargs", set(cfg.get("norm_kwargs") or {}) <= {"eps"})
-    need(tower, cfg, "act_kwargs", _hidden_act(False, cfg.get("act_kwargs")) is not None)
+    need(tower, cfg, "act_kwargs", _hidden_act(quick_gelu, cfg.get("act_kwargs")) is not None)
 
 
 def _dataclass_defaults(cls) -> dict[str, Any]:

@@ -84,7 +84,9 @@ def hf_tokenizer(bundle: ModelBundle, layout: str, transformers) -> tuple[Any, d
                 f"text_cfg.tokenizer_kwargs.clean={clean!r}: transformers' CLIPTokenizer always lower-cases; "
                 "only open_clip's default 'lower' cleaning exports"
             )
-        hf = clip_bpe_tokenizer(tokenizer, context_length, transformers)
+        # A SigLIP text tower pools the last position, padding included: pad with open_clip's id 0 there.
+        pad = "!" if layout == "siglip" else "<|endoftext|>"
+        hf = clip_bpe_tokenizer(tokenizer, context_length, transformers, pad_token=pad)
         # argmax pooling finds the end token when it is the largest id, as in the CLIP BPE vocabulary.
         argmax_eos = (
             CLIP_BPE_EOT if text_cfg.get("vocab_size", CLIP_BPE_VOCAB_SIZE) == CLIP_BPE_VOCAB_SIZE else None
@@ -108,14 +110,16 @@ def hf_tokenizer(bundle: ModelBundle, layout: str, transformers) -> tuple[Any, d
     return hf, {"eos_token_id": eos, **ids}
 
 
-def clip_bpe_tokenizer(tokenizer, context_length: int, transformers):
+def clip_bpe_tokenizer(tokenizer, context_length: int, transformers, *, pad_token: str = "<|endoftext|>"):
     """open_clip's CLIP BPE as a transformers CLIPTokenizer: the same vocabulary and merges, with
     transformers' names for the start and end tokens (ids 49406 and 49407 in both)."""
     vocab = dict(tokenizer.encoder)
     for ours, theirs in (("<start_of_text>", "<|startoftext|>"), ("<end_of_text>", "<|endoftext|>")):
         vocab[theirs] = vocab.pop(ours)
     merges = [pair for pair, _ in sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])]
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    return transformers.CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=context_length, pad_token=pad_token
+    )
 
 
 def _fix_tokenizer_config(directory: Path, context_length: int, layout: str) -> None:
