@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import all_gather_with_grad
+from clipkit.losses.precision import matmul_transposed
 
 
 def clip_loss_local(
@@ -28,9 +29,10 @@ def clip_loss_local(
     """
     b = image_features.shape[0]
     labels = torch.arange(first_label, first_label + b, device=image_features.device)  # (b,)
-    # Scale the (b, D) side before the product: one fewer (b, N) temporary.
-    logits_per_image = (logit_scale * image_features) @ all_text_features.T  # (b, N)
-    logits_per_text = (logit_scale * text_features) @ all_image_features.T  # (b, N)
+    # Scale the (b, D) side before the product: one fewer (b, N) temporary. IEEE float32 even where the
+    # process has TF32 on.
+    logits_per_image = matmul_transposed(logit_scale * image_features, all_text_features)  # (b, N)
+    logits_per_text = matmul_transposed(logit_scale * text_features, all_image_features)  # (b, N)
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias

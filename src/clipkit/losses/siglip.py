@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import Ring
+from clipkit.losses.precision import ieee_float32_matmuls
 
 
 def _signed_logits(
@@ -95,6 +96,11 @@ class _SigLipRingLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, logit_bias, ring: Ring):
+        with ieee_float32_matmuls(image_features.device):  # float32 math even where TF32 is on
+            return _SigLipRingLoss._forward(ctx, image_features, text_features, logit_scale, logit_bias, ring)
+
+    @staticmethod
+    def _forward(ctx, image_features, text_features, logit_scale, logit_bias, ring: Ring):
         # Features arrive in their own dtype and texts travel in it (bf16 stays bf16 on the wire);
         # each chunk is upcast to the scalars' (math) dtype on arrival.
         ctx.ring = ring
@@ -116,8 +122,9 @@ class _SigLipRingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # backward() may be called inside an autocast region; the recomputation stays in float32.
-        with torch.autocast(grad_loss.device.type, enabled=False):
+        # backward() may be called inside an autocast region, or with TF32 on; the recomputation stays in
+        # float32.
+        with torch.autocast(grad_loss.device.type, enabled=False), ieee_float32_matmuls(grad_loss.device):
             return _SigLipRingLoss._backward(ctx, grad_loss)
 
     @staticmethod
