@@ -190,12 +190,12 @@ def mfu(flops_per_sample: float | None, samples_per_s: float | None, device_name
     return 3 * flops_per_sample * samples_per_s / peak
 
 
-def forward_flops_per_sample(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> float:
-    """FLOPs of one forward of image and text towers per sample, as torch's FLOP counter sees them
-    (matmuls, convolutions and attention kernels) under bf16 autocast."""
+def forward_flops_per_sample(model: torch.nn.Module, images: torch.Tensor, *rest: torch.Tensor) -> float:
+    """FLOPs of one forward of `model(images, *rest)` (both towers: `rest` = tokens) per sample, as torch's
+    FLOP counter sees them (matmuls, convolutions, attention kernels) under bf16 autocast."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
-        model(images, tokens)
+        model(images, *rest)
     return counter.get_total_flops() / images.shape[0]
 
 
@@ -211,11 +211,11 @@ class _AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def attention_ops(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> list[str]:
-    """The attention kernels one bf16 forward runs: a fused SDPA kernel (flash, efficient, cuDNN), or
-    `aten._softmax` where attention falls back to separate matmuls and a softmax."""
-    with _AtenOps() as ops, torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
-        model(images, tokens)
+def attention_ops(model: torch.nn.Module, *inputs: torch.Tensor) -> list[str]:
+    """The attention kernels one bf16 forward of `model(*inputs)` runs: fused SDPA kernels (flash,
+    efficient, cuDNN), or `aten._softmax` where attention falls back to matmuls and a softmax."""
+    with _AtenOps() as ops, torch.no_grad(), torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
+        model(*inputs)
     return sorted(name for name in ops.names if "attention" in name or name == "aten._softmax")
 
 

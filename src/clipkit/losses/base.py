@@ -124,7 +124,7 @@ def prepare_inputs(
                 raise ValueError(
                     f"logit_scale and logit_bias must be scalars, got shape {tuple(value.shape)}"
                 )
-            return value.to(dtype)
+            return value.to(device=device, dtype=dtype)
         return torch.tensor(float(value), dtype=dtype, device=device)
 
     return (
