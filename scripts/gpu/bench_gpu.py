@@ -72,6 +72,7 @@ class Plan:
     loader_steps: int
     loader_log_every: int
     loader_workers: int
+    loader_max_batch: int  # workers x prefetched batches of float32 images live in shared memory
     shard_image_size: int  # side of the generated images on disk
     train_samples: int
     samples_per_shard: int
@@ -95,6 +96,7 @@ def gpu_plan(budget_s: float) -> Plan:
         loader_steps=15,
         loader_log_every=5,
         loader_workers=workers,
+        loader_max_batch=1024,
         shard_image_size=256,
         train_samples=workers * 1000,  # one shard per worker
         samples_per_shard=1000,
@@ -117,6 +119,7 @@ def dry_run_plan() -> Plan:
         loader_steps=2,
         loader_log_every=1,
         loader_workers=1,
+        loader_max_batch=8,
         shard_image_size=32,
         train_samples=64,
         samples_per_shard=32,
@@ -446,7 +449,41 @@ def with_mfu(result: dict, flops_per_sample: float | None, name: str) -> dict:
     return {**result, "mfu": mfu(flops_per_sample, rate, name)}
 
 
-def run_plan(plan: Plan, work_dir: Path) -> dict:
+def measure_model(plan: Plan, work_dir: Path, model: str, limit) -> dict:
+    """eager (batch-size search, FLOPs, timing), compiled, loader: in that order, each in its own process.
+    `limit(own_s)` gives a measurement its time, or None when the budget has run out."""
+    skipped = {"status": "skipped", "error": "the time budget (--budget-s) ran out before it"}
+    no_batch = {"status": "skipped", "error": "no batch size: the eager measurement failed"}
+    timeout_s = limit(plan.eager_s)
+    entry = {
+        "eager": skipped if timeout_s is None
+        else measure_in_memory(plan, work_dir, model, compile=False, batch_size=None, timeout_s=timeout_s)
+    }  # fmt: skip
+    batch_size = entry["eager"].get("batch_size")
+    if plan.measure_compiled:
+        timeout_s = limit(plan.compiled_s)
+        entry["compiled"] = (
+            no_batch if batch_size is None
+            else skipped if timeout_s is None
+            else measure_in_memory(plan, work_dir, model, compile=True, batch_size=batch_size, timeout_s=timeout_s)
+        )  # fmt: skip
+    timeout_s = limit(plan.loader_s)
+    entry["loader"] = (
+        no_batch if batch_size is None
+        else skipped if timeout_s is None
+        else measure_loader(
+            plan, work_dir, model, batch_size=min(batch_size, plan.loader_max_batch), timeout_s=timeout_s
+        )
+    )  # fmt: skip
+
+    flops, name = entry["eager"].get("flops_per_sample"), entry["eager"].get("device_name", "")
+    for key in list(entry):
+        entry[key] = with_mfu(entry[key], flops, name)
+    entry.update(flops_per_sample=flops, peak_bf16_flops=peak_bf16_flops(name))
+    return entry
+
+
+def run_plan(plan: Plan, work_dir: Path, out: str | None) -> dict:
     started = time.monotonic()
     deadline = started + plan.budget_s
 
@@ -458,49 +495,16 @@ def run_plan(plan: Plan, work_dir: Path) -> dict:
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "plan": dataclasses.asdict(plan),
-        "models": {model: {} for model in plan.models},
+        "models": {},
     }
     generate_shards(plan, work_dir)
     report["shards_s"] = round(time.monotonic() - started, 1)
-    skipped = {"status": "skipped", "error": "the time budget (--budget-s) ran out before it"}
-
-    # Most telling first: eager (batch size, FLOPs) for every model, then compiled, then the loader.
+    # The models in the plan's order (the design target first), each complete before the next.
     for model in plan.models:
-        timeout_s = limit(plan.eager_s)
-        report["models"][model]["eager"] = (
-            skipped if timeout_s is None
-            else measure_in_memory(plan, work_dir, model, compile=False, batch_size=None, timeout_s=timeout_s)
-        )  # fmt: skip
-    for model in plan.models if plan.measure_compiled else ():
-        entry = report["models"][model]
-        batch_size, timeout_s = entry["eager"].get("batch_size"), limit(plan.compiled_s)
-        if batch_size is None:
-            entry["compiled"] = {"status": "skipped", "error": "no batch size: the eager measurement failed"}
-        elif timeout_s is None:
-            entry["compiled"] = skipped
-        else:
-            entry["compiled"] = measure_in_memory(
-                plan, work_dir, model, compile=True, batch_size=batch_size, timeout_s=timeout_s
-            )
-    for model in plan.models:
-        entry = report["models"][model]
-        batch_size, timeout_s = entry["eager"].get("batch_size"), limit(plan.loader_s)
-        if batch_size is None:
-            entry["loader"] = {"status": "skipped", "error": "no batch size: the eager measurement failed"}
-        elif timeout_s is None:
-            entry["loader"] = skipped
-        else:
-            entry["loader"] = measure_loader(
-                plan, work_dir, model, batch_size=batch_size, timeout_s=timeout_s
-            )
-
-    for entry in report["models"].values():
-        flops, name = entry["eager"].get("flops_per_sample"), entry["eager"].get("device_name", "")
-        entry["flops_per_sample"] = flops
-        entry["peak_bf16_flops"] = peak_bf16_flops(name)
-        for key in [k for k in entry if isinstance(entry[k], dict)]:
-            entry[key] = with_mfu(entry[key], flops, name)
-    report["total_s"] = round(time.monotonic() - started, 1)
+        report["models"][model] = measure_model(plan, work_dir, model, limit)
+        report["total_s"] = round(time.monotonic() - started, 1)
+        report["failed"] = failed(report)
+        write_report(report, out)  # what is measured so far survives a kill from outside
     return report
 
 
@@ -529,8 +533,7 @@ def main() -> None:
         return
     plan = dry_run_plan() if args.dry_run else gpu_plan(args.budget_s)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="clipkit-bench-gpu-"))
-    report = run_plan(plan, work_dir)
-    report["failed"] = failed(report)
+    report = run_plan(plan, work_dir, args.out)
     print(write_report(report, args.out))
     sys.exit(1 if report["failed"] else 0)
 
