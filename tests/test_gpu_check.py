@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 
@@ -81,25 +83,36 @@ def test_mfu_is_three_forward_flops_per_second_over_the_device_peak():
     assert bench_gpu.mfu(None, 1000.0, "NVIDIA H200") is None
 
 
-@pytest.mark.slow  # ~40 s on a 2-core CPU (the trainer's first bf16 CPU step, the trainer command)
-def test_check_dry_run_measures_through_the_trainer(tmp_path):
-    report_file = tmp_path / "report.json"
+def readme_dry_run_command() -> str:
+    section = (REPO_ROOT / "README.md").read_text().split("### GPU check", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    (command,) = [line for line in block.splitlines() if line.strip()]
+    return command
+
+
+@pytest.mark.slow  # ~40 s on an idle 2-core CPU (the trainer's first bf16 CPU step, the trainer command)
+def test_readme_dry_run_measures_through_the_trainer():
+    command = readme_dry_run_command()
+    assert command == "bash scripts/gpu/check.sh --dry-run"
     result = subprocess.run(
-        ["bash", "scripts/gpu/check.sh", "--dry-run", "--out", str(report_file)],
+        shlex.split(command),
         cwd=REPO_ROOT,
-        env=subprocess_env(PYTHON=sys.executable),
+        env=subprocess_env(PYTHON=sys.executable),  # the interpreter running the tests, venv or not
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(report_file.read_text())
+    # The gpu tests are collected and all skip without CUDA.
+    assert re.search(r"^\d+ skipped in ", result.stdout, re.M), result.stdout[-3000:]
+    report = json.loads(result.stdout.split("== bench_gpu.py\n", 1)[1].split("\n== check.sh:", 1)[0])
     assert report["failed"] == []
     tiny = report["models"]["tiny"]
     eager = tiny["eager"]
     assert eager["status"] == "ok" and eager["device"] == "cpu"
     assert eager["batch_size"] == 8 and eager["search"] == [{"batch_size": 8, "fits": True}]
     assert eager["flops_per_sample"] == analytic_forward_flops(**TINY)
+    assert eager["attention_ops"] == ["aten._scaled_dot_product_flash_attention_for_cpu"]
     assert eager["timing"]["steps"] == 2 and eager["timing"]["samples_per_s"] > 0
     assert eager["mfu"] is None  # no known peak for a CPU
     loader = tiny["loader"]

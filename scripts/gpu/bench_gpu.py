@@ -222,6 +222,13 @@ def attention_ops(model: torch.nn.Module, *inputs: torch.Tensor) -> list[str]:
     return sorted(name for name in ops.names if "attention" in name or name == "aten._softmax")
 
 
+def feature_dtype(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> str:
+    """The dtype the model's image features leave it in under bf16 autocast, i.e. what the loss gathers:
+    bf16 features cross processes as bf16, float32 ones (F.normalize may upcast) as float32."""
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
+        return str(model(images, tokens)[0].dtype)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -336,6 +343,7 @@ def child_in_memory(spec: dict) -> None:
             few = tile(sample, 2)
             emit({"flops_per_sample": forward_flops_per_sample(trainer.unwrapped, *few)})
             emit({"attention_ops": attention_ops(trainer.unwrapped, *few)})
+            emit({"feature_dtype": feature_dtype(trainer.unwrapped, *few)})
         else:
             size = spec["batch_size"]
         emit(
