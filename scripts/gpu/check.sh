@@ -41,7 +41,9 @@ if [ "$DRY_RUN" = 0 ]; then
   fi
   echo "== install (offline, from .whl/)"
   "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile .whl/*.whl || exit 1
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . || exit 1
+  # clipkit itself (the `clipkit` command); the check imports it from src/ either way (PYTHONPATH above).
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . ||
+    echo "check.sh: warning: 'pip install -e .' failed; the check goes on with clipkit from src/ (PYTHONPATH)" >&2
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 

@@ -8,8 +8,8 @@
 # pathspec and pluggy (/work/.library/device/KINDS.md lists them). What clipkit's training path needs
 # beyond those is all pure Python, fetched here at the versions requirements/lock.txt pins:
 #   open_clip_torch (the towers), webdataset + braceexpand (shards), hydra-core + omegaconf + antlr4 (the
-#   config), ftfy + wcwidth (open_clip's tokenizer), hatchling + trove-classifiers (to install clipkit
-#   itself, `pip install -e .`, with no index).
+#   config), ftfy + wcwidth (open_clip's tokenizer), hatchling + editables + trove-classifiers (to install clipkit
+#   itself, `pip install -e .`, with no index; hatchling needs editables for that).
 # Serving and indexing (fastapi, uvicorn, faiss) and wandb are not part of the check and are not fetched.
 #
 #   bash scripts/gpu/fetch_wheels.sh        # ~2 MB into .whl/
@@ -20,7 +20,7 @@ PYTHON=${PYTHON:-python3}
 DEST=.whl
 LOCK=requirements/lock.txt
 PINNED=(open_clip_torch webdataset braceexpand hydra-core omegaconf antlr4-python3-runtime ftfy wcwidth)
-BUILD=(hatchling trove-classifiers)  # not runtime dependencies: no pin in the lock file
+BUILD=(hatchling editables trove-classifiers)  # to build clipkit: not in the lock file
 
 pin() {  # NAME -> NAME==VERSION from the lock file
   local line
