@@ -4,8 +4,7 @@ MODEL is a clipkit run directory, an exported directory, local-dir:PATH, a trans
 hf:ORG/NAME), a conf/model name, or an open_clip architecture with --pretrained FILE. DATASET is a
 CLIP_benchmark wds directory, a folder of class sub-folders, or webdataset shards with KEY.json labels
 (plus --classnames); with --task retrieval, captioned shards (KEY.jpg + KEY.txt) or a CLIP_benchmark
-retrieval directory. The text classifier is
-computed once per model and prompt set and cached (--cache-dir).
+retrieval directory. The text classifier is computed once per model and prompt set and cached (--cache-dir).
 """
 
 from __future__ import annotations
