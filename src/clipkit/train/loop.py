@@ -285,7 +285,8 @@ class Trainer:
     def step(self, micro_batches) -> dict[str, Any]:
         """One optimizer step over `accum_steps` micro-batches. A non-finite loss or gradient skips it.
 
-        One host sync per step (whether the step is finite); loss and gradient norm are read on log steps.
+        One host sync per step (whether the step is finite). Returns floats (loss, grad_norm) on log steps,
+        else the loss as a 0-d device tensor.
         """
         log_step = self._is_log_step(self.state.step + 1)
         micro_batches = [self._to_device(images, tokens) for images, tokens in micro_batches]
@@ -312,8 +313,8 @@ class Trainer:
             self.unwrapped.logit_scale.clamp_(0, self.loss_fn.max_logit_scale or math.inf)
         self.state.step += 1
         self._account_nonfinite(finite, loss)
-        if not log_step:
-            return {}
+        if not log_step:  # no host sync: the loss stays a (detached) device tensor
+            return {"loss": loss}
         return {"loss": loss.item(), "grad_norm": math.nan if grad_norm is None else grad_norm.item()}
 
     def _to_device(self, images: torch.Tensor, tokens: torch.Tensor):
