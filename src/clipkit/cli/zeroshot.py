@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         num_images=result.num_images,
         skipped_images=len(result.skipped),
         skipped=[{"key": s.key, "reason": s.reason} for s in result.skipped[:MAX_SKIPPED_LISTED]],
+        bad_shards=[{"url": s.url, "reason": s.reason} for s in result.bad_shards],
     )
     print(format_table(report, dataset.describe()))
     if args.output:
@@ -133,4 +134,6 @@ def format_table(report: dict, description: str) -> str:
     lines += [f"  {key:<{width}}  {value:.4f}" for key, value in report["metrics"].items()]
     if report["skipped"]:
         lines.append(f"  skipped, e.g. {report['skipped'][0]['key']}: {report['skipped'][0]['reason']}")
+    for shard in report.get("bad_shards", []):
+        lines.append(f"  unreadable shard {shard['url']} (skipped): {shard['reason']}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.report import write_run_report
 from clipkit.train.step import contrastive_backward
 
 log = logging.getLogger("clipkit.train")
@@ -76,6 +77,7 @@ class Trainer:
     """Holds the prepared objects of one run; `fit` runs it to `train.steps` or to a stop signal."""
 
     def __init__(self, cfg: DictConfig):
+        self.started = time.perf_counter()  # the summary's time includes data generation and setup
         self.train_cfg = config_from_dict(TrainConfig, _plain(cfg.train), group="train")
         self.optim_cfg = config_from_dict(OptimConfig, _plain(cfg.optim), group="optim")
         logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
@@ -100,16 +102,17 @@ class Trainer:
         self.loss_fn = instantiate(
             cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes
         )
+        # Data first: generated demo datasets are built (by the main process; the others reuse them) and
+        # every shard spec is checked before a large model is built.
+        with accelerator.main_process_first():
+            self.data_cfg = prepare_data(data_cfg)
         self.bundle = build_model(
             model_cfg,
             init_logit_scale=self.loss_fn.init_logit_scale,
             init_logit_bias=self.loss_fn.init_logit_bias,
+            aug_cfg=self.data_cfg.augmentation,
         )
         model = _configure_model(self.bundle.model, self.train_cfg)
-        with (
-            accelerator.main_process_first()
-        ):  # the main process generates demo datasets; the others reuse them
-            self.data_cfg = prepare_data(data_cfg)
         self.stream = TrainStream(
             self.data_cfg,
             transform=self.bundle.train_transform,
@@ -157,6 +160,20 @@ class Trainer:
                 self._bundle_with_trained_model(), self.output_dir / "model", overwrite=True
             )
             _print_summary(metrics, exported)
+            print(
+                write_run_report(
+                    output_dir=self.output_dir,
+                    exported=exported,
+                    bundle=self._bundle_with_trained_model(),
+                    data=self.data_cfg,
+                    metrics=metrics,
+                    steps=self.state.step,
+                    samples=self.state.step * self.samples_per_step,
+                    elapsed_s=time.perf_counter() - self.started,
+                    device=self.accelerator.device,
+                ),
+                flush=True,
+            )
         self.accelerator.wait_for_everyone()
         return metrics
 
@@ -327,6 +344,7 @@ def _json_ready(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_summary(metrics: dict[str, Any], exported: Path) -> None:
+    """Every final metric as `key: value`, one per line (what scripts parse), then the model's path."""
     for key in sorted(metrics):
         value = metrics[key]
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
