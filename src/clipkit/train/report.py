@@ -102,7 +102,7 @@ def _class_prompt_pictures(
 ) -> ClassPromptResults | None:
     dataset = open_eval_dataset(source)
     total = dataset.count_samples()
-    if dataset.classnames is None or total is None or total > MAX_REPORT_IMAGES:
+    if dataset.classnames is None or (total is not None and total > MAX_REPORT_IMAGES):
         return None
     model = bundle.model
     was_training = model.training
@@ -115,6 +115,8 @@ def _class_prompt_pictures(
             features.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())  # (B, D)
             labels.append(batch.labels)
             thumbnails.append(_displayable(batch.images, bundle.preprocess_cfg))
+            if sum(len(t) for t in thumbnails) >= MAX_REPORT_IMAGES:  # size unknown up front (remote, unreadable)
+                break
         if not features:
             return None
         image_features, image_labels = torch.cat(features), torch.cat(labels)  # (N, D), (N,)
