@@ -55,13 +55,22 @@ def bmp_data(tmp_path) -> dict[str, Path]:
     for shard in range(2):
         write_tar(
             train / f"{shard:05d}.tar",
-            [{"__key__": f"t{shard}_{i:03d}", "bmp": bmp_bytes(i), "txt": f"colour {i % 3}"} for i in range(16)],
+            [
+                {"__key__": f"t{shard}_{i:03d}", "bmp": bmp_bytes(i), "txt": f"colour {i % 3}"}
+                for i in range(16)
+            ],
         )
     val = tmp_path / "val"
-    write_tar(val / "00000.tar", [{"__key__": f"v{i:03d}", "bmp": bmp_bytes(i), "txt": f"colour {i % 3}"} for i in range(6)])
+    write_tar(
+        val / "00000.tar",
+        [{"__key__": f"v{i:03d}", "bmp": bmp_bytes(i), "txt": f"colour {i % 3}"} for i in range(6)],
+    )
     corrupt_tar(val / "00001.tar")
     zeroshot = tmp_path / "zeroshot"
-    write_tar(zeroshot / "test" / "0.tar", [{"__key__": f"z{i:03d}", "bmp": bmp_bytes(i), "cls": str(i % 3)} for i in range(6)])
+    write_tar(
+        zeroshot / "test" / "0.tar",
+        [{"__key__": f"z{i:03d}", "bmp": bmp_bytes(i), "cls": str(i % 3)} for i in range(6)],
+    )
     corrupt_tar(zeroshot / "test" / "1.tar")
     (zeroshot / "test" / "nshards.txt").write_text("2\n")
     (zeroshot / "classnames.txt").write_text("red\ngreen\nblue\n")
@@ -87,13 +96,18 @@ def test_bmp_shards_train_and_corrupt_eval_tars_are_skipped_and_counted(bmp_data
     out = tmp_path / "run"
     metrics = run(
         compose_config(
-            *data_overrides(bmp_data), "train.steps=3", "train.log_every=1", "train.eval_every=2",
+            *data_overrides(bmp_data),
+            "train.steps=3",
+            "train.log_every=1",
+            "train.eval_every=2",
             f"output_dir={out}",
         )  # fmt: skip
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["bad_samples"] == 0 for r in steps)  # bmp decodes
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(
+        r["bad_samples"] == 0 for r in steps
+    )  # bmp decodes
     # The evaluation during training (step 2) and the final one both read past the corrupt tars.
     evaluations = [r for r in records if "zeroshot/acc1" in r]
     assert [r["step"] for r in evaluations] == [2, 3]
@@ -112,7 +126,10 @@ def test_zeroshot_evaluation_reports_the_corrupt_shard(bmp_data):
 
     bundle = build_model("tiny")
     result = evaluate_zeroshot(
-        bundle.model, bundle.tokenizer, open_eval_dataset(str(bmp_data["zeroshot"])), transform=bundle.eval_transform
+        bundle.model,
+        bundle.tokenizer,
+        open_eval_dataset(str(bmp_data["zeroshot"])),
+        transform=bundle.eval_transform,
     )
     assert result.num_images == 6 and result.skipped == []
     assert [s.url for s in result.bad_shards] == [str(bmp_data["zeroshot"] / "test" / "1.tar")]
@@ -122,7 +139,9 @@ def test_data_augmentation_reaches_the_training_transform(bmp_data, tmp_path):
     from clipkit.train.loop import Trainer
 
     def train_transform(*overrides: str) -> str:
-        trainer = Trainer(compose_config(*data_overrides(bmp_data), f"output_dir={tmp_path / 'run'}", *overrides))
+        trainer = Trainer(
+            compose_config(*data_overrides(bmp_data), f"output_dir={tmp_path / 'run'}", *overrides)
+        )
         try:
             return repr(trainer.bundle.train_transform)
         finally:
@@ -131,7 +150,9 @@ def test_data_augmentation_reaches_the_training_transform(bmp_data, tmp_path):
 
     default = train_transform()
     AcceleratorState._reset_state(True)
-    augmented = train_transform("+data.augmentation={scale:[0.5,1.0],color_jitter:0.4,color_jitter_prob:0.8,gray_scale_prob:0.2}")
+    augmented = train_transform(
+        "+data.augmentation={scale:[0.5,1.0],color_jitter:0.4,color_jitter_prob:0.8,gray_scale_prob:0.2}"
+    )
     assert "scale=(0.9, 1.0)" in default and "ColorJitter" not in default
     assert "scale=(0.5, 1.0)" in augmented and "ColorJitter" in augmented and "Grayscale" in augmented
 
@@ -144,14 +165,18 @@ def test_unknown_augmentation_key_is_refused(tmp_path):
         DataConfig(augmentation={"scal": [0.5, 1.0]})
 
 
-@pytest.mark.parametrize("module", ["clipkit.data.inputs", "clipkit.retrieval.sources", "clipkit.data.images"])
+@pytest.mark.parametrize(
+    "module", ["clipkit.data.inputs", "clipkit.retrieval.sources", "clipkit.data.images"]
+)
 def test_light_modules_import_no_torch(module):
     code = (
         f"import sys, {module}; "
         "heavy = [m for m in ('torch', 'webdataset', 'faiss', 'open_clip') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
     assert result.returncode == 0, f"{module} imports {result.stdout.strip()} {result.stderr[-500:]}"
 
 
@@ -166,7 +191,9 @@ def _module_level_imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return {name for name in found if name.startswith("clipkit")}
@@ -178,7 +205,9 @@ def test_clipkit_has_no_import_circles():
         ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
         for path in root.joinpath("clipkit").rglob("*.py")
     }
-    graph = {name: _module_level_imports(path, name) & set(modules) - {name} for name, path in modules.items()}
+    graph = {
+        name: _module_level_imports(path, name) & set(modules) - {name} for name, path in modules.items()
+    }
     cycles = []
 
     def visit(name: str, trail: list[str]) -> None:

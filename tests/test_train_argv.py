@@ -46,7 +46,12 @@ def shell_env() -> dict[str, str]:
 def printed_config(command: str, cwd: Path) -> str:
     """Run `command` in bash as typed, plus Hydra's `--cfg job` (print the composed config and stop)."""
     result = subprocess.run(
-        ["bash", "-c", f"{command} --cfg job"], cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=600
+        ["bash", "-c", f"{command} --cfg job"],
+        cwd=cwd,
+        env=shell_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -61,7 +66,9 @@ def test_clipkit_train_composes_a_brace_spec_as_typed(tmp_path, quoted):
     if quoted:
         assert shown == spec
     else:  # bash expanded the ranges; clipkit joined the shards back into one value
-        expected = {f"/data/laion/{i:05d}.tar" for i in range(4)} | {f"/data/cc3m/{i:05d}.tar" for i in range(2)}
+        expected = {f"/data/laion/{i:05d}.tar" for i in range(4)} | {
+            f"/data/cc3m/{i:05d}.tar" for i in range(2)
+        }
         assert sorted(shown.split("::")) == sorted(expected)
 
 
@@ -111,7 +118,12 @@ def test_readme_training_commands_compose_as_typed(tmp_path):
         assert argv[0] in ("clipkit", "accelerate"), command
         if "data.train_shards='/data/laion/{00000..41455}.tar'" in command:
             result = subprocess.run(
-                ["bash", "-c", command], cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=600
+                ["bash", "-c", command],
+                cwd=tmp_path,
+                env=shell_env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
             )  # exactly as typed: no /data/laion here, so it stops at the shard check, naming the spec
             assert result.returncode == 2, result.stderr[-3000:]
             assert "data.train_shards '/data/laion/{00000..41455}.tar' matches no shard file" in result.stderr

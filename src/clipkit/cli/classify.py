@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
+    from clipkit.data.images import read_image
     from clipkit.errors import ClipkitError
     from clipkit.eval import default_cache_dir, load_or_build_zeroshot_classifier
     from clipkit.eval.classifier import eval_mode
     from clipkit.eval.datasets import check_templates, read_classnames, read_templates
-    from clipkit.data.images import read_image
     from clipkit.models import build_model
 
     if args.top_k < 1:
@@ -141,8 +141,8 @@ def parse_labels(text: str) -> list[str]:
 
 def expand_image_arguments(arguments: list[str]) -> list[Path]:
     """Files as given, folders searched recursively for images, globs expanded (sorted)."""
-    from clipkit.errors import ClipkitError
     from clipkit.data.images import IMAGE_EXTENSIONS, is_image_file
+    from clipkit.errors import ClipkitError
 
     paths: list[Path] = []
     for argument in arguments:

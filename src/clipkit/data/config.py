@@ -85,7 +85,9 @@ class DataConfig:
                 raise ClipkitError(f"weights must all be positive numbers, got {self.weights!r}")
         if self.augmentation is not None:
             if not isinstance(self.augmentation, Mapping):
-                raise ClipkitError(f"augmentation must be a mapping of open_clip aug_cfg keys, got {self.augmentation!r}")
+                raise ClipkitError(
+                    f"augmentation must be a mapping of open_clip aug_cfg keys, got {self.augmentation!r}"
+                )
             unknown = sorted(set(self.augmentation) - set(AUGMENTATION_KEYS))
             if unknown:
                 raise ClipkitError(

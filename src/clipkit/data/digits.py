@@ -40,7 +40,9 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(DIGITS_FILE, "rt", encoding="ascii") as f:
             table = np.loadtxt(f, delimiter=",")  # (1797, 65)
     except OSError as e:
-        raise ClipkitError(f"cannot read the bundled digits file {DIGITS_FILE} ({e}); reinstall clipkit") from None
+        raise ClipkitError(
+            f"cannot read the bundled digits file {DIGITS_FILE} ({e}); reinstall clipkit"
+        ) from None
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 

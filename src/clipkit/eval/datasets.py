@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipkit.data.images import IMAGE_EXTENSIONS, is_image_file
+from clipkit.data.images import is_image_file
 from clipkit.errors import ClipkitError
 
 if TYPE_CHECKING:
@@ -245,7 +245,9 @@ def openai_imagenet_templates() -> list[str]:
     return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
 
 
-def iter_dataset_samples(shards: Sequence[str], on_error: ErrorCallback | None = None) -> Iterator[dict[str, Any]]:
+def iter_dataset_samples(
+    shards: Sequence[str], on_error: ErrorCallback | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw webdataset samples (`__key__`, `__url__`, one bytes entry per extension), shards in order.
 
     Read by the data layer's tolerant shard reader, as training reads: a shard that cannot be opened,

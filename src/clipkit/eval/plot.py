@@ -80,7 +80,12 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path)
     steps = [r["step"] for r in records if "loss" in r]
     losses = [r["loss"] for r in records if "loss" in r]
     metric_names = sorted(
-        {k for r in records for k, v in r.items() if "/" in k and isinstance(v, float) and "recall@5" not in k}
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if "/" in k and isinstance(v, float) and "recall@5" not in k
+        }
     )
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
     loss_ax.plot(steps, losses, color="tab:blue")

@@ -115,7 +115,9 @@ def _class_prompt_pictures(
             features.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())  # (B, D)
             labels.append(batch.labels)
             thumbnails.append(_displayable(batch.images, bundle.preprocess_cfg))
-            if sum(len(t) for t in thumbnails) >= MAX_REPORT_IMAGES:  # size unknown up front (remote, unreadable)
+            if (
+                sum(len(t) for t in thumbnails) >= MAX_REPORT_IMAGES
+            ):  # size unknown up front (remote, unreadable)
                 break
         if not features:
             return None
@@ -142,7 +144,9 @@ def _class_prompt_pictures(
         k = min(IMAGES_PER_QUERY, len(image_labels))
         top = (text_features @ image_features.T).topk(k, dim=1).indices  # (C, k)
         hits = image_labels[top] == torch.arange(len(classnames))[:, None]  # (C, k)
-        shown = sorted({round(i * (len(classnames) - 1) / max(QUERIES_SHOWN - 1, 1)) for i in range(QUERIES_SHOWN)})
+        shown = sorted(
+            {round(i * (len(classnames) - 1) / max(QUERIES_SHOWN - 1, 1)) for i in range(QUERIES_SHOWN)}
+        )
         examples = _write_examples(thumbs, image_labels, classnames, folder / "examples")
         grid_path = plot_top_images(
             [queries[c] for c in shown],
