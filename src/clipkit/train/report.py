@@ -59,7 +59,10 @@ def write_run_report(
     pictures: list[Path] = []
     records = _read_metrics(output_dir / "metrics.jsonl")
     if records:
-        pictures.append(plot_training_curves(records, output_dir / PICTURES / "curves.png"))
+        try:
+            pictures.append(plot_training_curves(records, output_dir / PICTURES / "curves.png"))
+        except Exception as e:  # a picture must never cost the user the run's result
+            log.warning("could not draw the training curves (%s: %s)", type(e).__name__, e)
     prompts = None
     if data.zeroshot_dataset:
         try:
