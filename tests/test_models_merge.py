@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from clipkit.cli.main import main
 from clipkit.models import build_model, export_model
+from conftest import REPO_ROOT, run_clipkit
 from test_eval_datasets import SMALL_MODEL, export_small_model
 
 
@@ -55,3 +60,19 @@ def test_merge_of_different_architectures_is_one_line_error(models, tmp_path, ca
     assert main(["merge", str(a), str(a), "--alpha", "1.5", "--out", str(tmp_path / "y")]) == 2
     assert "--alpha 1.5 must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_readme_merge_command_runs_as_written(models, tmp_path):
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("clipkit merge "))
+    a, b = models
+    (tmp_path / "runs" / "finetune").mkdir(parents=True)
+    shutil.copytree(a, tmp_path / "runs" / "finetune" / "model-start")
+    shutil.copytree(b, tmp_path / "runs" / "finetune" / "model")
+    result = run_clipkit(*shlex.split(command)[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = Path(tmp_path / shlex.split(command)[shlex.split(command).index("--out") + 1])
+    merged, wa, wb = weights(out), weights(a), weights(b)
+    for key in wa:
+        expected = (0.7 * wa[key].double() + 0.3 * wb[key].double()).float()
+        torch.testing.assert_close(merged[key], expected, rtol=2**-22, atol=1e-7, msg=key)

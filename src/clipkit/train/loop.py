@@ -33,6 +33,7 @@ from clipkit.train.wise_ft import START_MODEL_DIR, WISE_FT_MODEL_DIR, export_sta
 
 log = logging.getLogger("clipkit.train")
 
+RAW_MODEL_DIR = "model-raw"  # with train.ema_decay: the optimizer's final weights beside the EMA in model/
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -164,8 +165,9 @@ class Trainer:
             return {"stopped_at_step": self.state.step}
         if self.ema is None:
             metrics = self.evaluate()
-        else:  # the optimizer's own weights as "raw/...", then the EMA becomes the model
+        else:  # the optimizer's own weights as "raw/..." and model-raw/, then the EMA becomes the model
             metrics = {f"raw/{k}": v for k, v in self.evaluate(prefix="raw/").items()}
+            self._export(self.output_dir / RAW_MODEL_DIR)
             self.ema.copy_to(self.unwrapped)
             metrics.update(self.evaluate())
         exported = self._export(self.output_dir / "model")
