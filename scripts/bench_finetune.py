@@ -28,6 +28,10 @@ from _report import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = (0.25, 0.5, 0.75)
+# --threads N: torch threads of the trainings (OMP_NUM_THREADS); on a machine shared with other jobs, 1 avoids
+# oversubscription thrashing. Set by main().
+THREADS: dict[str, str] = {}
+EXPERIMENTS = {"digits": "digits", "shapes": "quickstart"}  # dataset -> the recipe that trains on it
 
 
 def train(args: list[str], log_path: Path) -> float:
@@ -35,7 +39,7 @@ def train(args: list[str], log_path: Path) -> float:
     started = time.perf_counter()
     with log_path.open("w") as log:
         result = subprocess.run([sys.executable, "-m", "clipkit.train", *args], cwd=REPO_ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **THREADS})  # fmt: skip
     if result.returncode != 0:
         sys.exit(f"training failed (exit {result.returncode}); see {log_path}")
     return time.perf_counter() - started
@@ -56,39 +60,43 @@ def zeroshot_acc1(bundle, dataset_dir: Path, *, workers: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="runs/bench_finetune", help="data, runs and logs go here")
-    parser.add_argument("--steps-a", type=int, default=300, help="training steps on A (shapes)")
-    parser.add_argument("--steps-b", type=int, default=150, help="fine-tuning steps on B (digits)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size of both trainings")
-    parser.add_argument("--lr-b", type=float, default=5e-4, help="fine-tuning learning rate")
+    parser.add_argument("--start-on", choices=tuple(EXPERIMENTS), default="digits", help="dataset A")
+    parser.add_argument("--steps-a", type=int, default=300, help="training steps on A")
+    parser.add_argument("--steps-b", type=int, default=150, help="fine-tuning steps on B")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of both trainings")
+    parser.add_argument("--lr-b", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--ema-decay", type=float, default=0.98)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes per training")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per process (default: torch's)"
+    )
     parser.add_argument("--out", help="write the JSON report here too")
     args = parser.parse_args()
 
     from clipkit.models import build_model
     from clipkit.models.merge import merge_models
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.threads:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    shapes, digits = work / "data-shapes", work / "data-digits"
-    run_a, run_b = work / "a-shapes", work / "b-digits"
-    common = [
-        "train.resume=none",
-        "train.checkpoint_every=100000",
-        "train.eval_every=0",
-        f"data.workers={args.workers}",
-    ]
+    name_a = args.start_on
+    name_b = next(name for name in EXPERIMENTS if name != name_a)
+    data = {name: work / f"data-{name}" for name in EXPERIMENTS}
+    run_a, run_b = work / f"a-{name_a}", work / f"b-{name_b}"
+    common = ["train.resume=none", "train.checkpoint_every=100000", "train.eval_every=0",
+              f"data.workers={args.workers}", f"data.batch_size={args.batch_size}"]  # fmt: skip
     seconds_a = train([
-        "experiment=quickstart", f"train.steps={args.steps_a}", f"output_dir={run_a}", f"data.generate.dir={shapes}",
-        *common,
-    ], work / "a-shapes.log")  # fmt: skip
+        f"experiment={EXPERIMENTS[name_a]}", f"train.steps={args.steps_a}", f"output_dir={run_a}",
+        f"data.generate.dir={data[name_a]}", *common,
+    ], work / f"a-{name_a}.log")  # fmt: skip
     seconds_b = train([
-        "experiment=digits", f"model.pretrained={run_a / 'model'}", f"train.steps={args.steps_b}",
+        f"experiment={EXPERIMENTS[name_b]}", f"model.pretrained={run_a / 'model'}", f"train.steps={args.steps_b}",
         f"optim.lr={args.lr_b}", "optim.warmup_steps=20", "train.eval_at_start=true",
         f"train.ema_decay={args.ema_decay}", "train.wise_ft_alpha=0.5", f"output_dir={run_b}",
-        f"data.generate.dir={digits}", *common,
-    ], work / "b-digits.log")  # fmt: skip
+        f"data.generate.dir={data[name_b]}", *common,
+    ], work / f"b-{name_b}.log")  # fmt: skip
 
     def start():
         return build_model(run_a / "model")
@@ -105,8 +113,8 @@ def main() -> None:
         bundle.model.eval()
         row = {
             "model": name,
-            "shapes_acc1": zeroshot_acc1(bundle, shapes, workers=args.workers),
-            "digits_acc1": zeroshot_acc1(bundle, digits, workers=args.workers),
+            "shapes_acc1": zeroshot_acc1(bundle, data["shapes"], workers=args.workers),
+            "digits_acc1": zeroshot_acc1(bundle, data["digits"], workers=args.workers),
         }
         results.append(row)
         print(
@@ -114,15 +122,14 @@ def main() -> None:
         )
 
     report = {
-        "benchmark": "robust fine-tuning: tiny towers trained on shapes (A), fine-tuned on digits (B)",
+        "benchmark": f"robust fine-tuning: tiny towers trained on {name_a} (A), fine-tuned on {name_b} (B)",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "settings": {
             "steps_a": args.steps_a,
             "steps_b": args.steps_b,
             "lr_b": args.lr_b,
             "ema_decay": args.ema_decay,
-            "batch_size_a": 64,
-            "batch_size_b": 64,
+            "batch_size": args.batch_size,
             "chance": {"shapes": 1 / 20, "digits": 1 / 10},
         },  # fmt: skip
         "results": results,

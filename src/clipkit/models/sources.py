@@ -114,9 +114,9 @@ def resolve(
             f"build_model('ViT-B-32', pretrained='{path}') or `--model ViT-B-32 --pretrained {path}`"
         )
     raise ClipkitError(
-        f"unknown model '{text}': not an hf-hub:ORG/NAME repo, a directory with {OPEN_CLIP_CONFIG_NAME} or a "
-        f"clipkit run directory ({path.resolve()}), a config in conf/model ({', '.join(list_model_configs())}), "
-        "or an open_clip architecture (open_clip.list_models())"
+        f"unknown model '{text}': looked for a directory with {OPEN_CLIP_CONFIG_NAME} or a clipkit run "
+        f"directory at {path.resolve()}, a config in conf/model ({', '.join(list_model_configs())}), an "
+        "open_clip architecture (open_clip.list_models()) and an hf-hub:ORG/NAME repo"
     )
 
 
