@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, conf/model name or architecture",
+        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, hf:ORG/NAME, conf/model name or architecture",
     )
     parser.add_argument(
         "--pretrained",

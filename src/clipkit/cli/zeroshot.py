@@ -1,10 +1,11 @@
 """Zero-shot classification (or retrieval) of a model on a labelled dataset, with CLIP_benchmark's metrics.
 
-MODEL is a clipkit run directory, an exported directory, local-dir:PATH, hf-hub:ORG/NAME, a conf/model name,
-or an open_clip architecture with --pretrained (a weights file, an open_clip tag, hf-hub:ORG/NAME). DATASET is a CLIP_benchmark wds directory, a folder of
-class sub-folders, or webdataset shards with KEY.json labels (plus --classnames); with --task retrieval,
-captioned shards (KEY.jpg + KEY.txt) or a CLIP_benchmark retrieval directory. The text classifier is
-computed once per model and prompt set and cached (--cache-dir).
+MODEL is a clipkit run directory, an exported directory, local-dir:PATH, hf-hub:ORG/NAME, a transformers
+checkpoint (dir or hf:ORG/NAME), a conf/model name, or an open_clip architecture with --pretrained (a weights
+file, an open_clip tag, hf-hub:ORG/NAME). DATASET is a CLIP_benchmark wds directory, a folder of class
+sub-folders, or webdataset shards with KEY.json labels (plus --classnames); with --task retrieval, captioned
+shards (KEY.jpg + KEY.txt) or a CLIP_benchmark retrieval directory. The text classifier is computed once per
+model and prompt set and cached (--cache-dir).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, conf/model name or architecture",
+        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, hf:ORG/NAME, conf/model name or architecture",
     )
     parser.add_argument(
         "--pretrained",

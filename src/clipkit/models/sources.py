@@ -5,7 +5,8 @@ A source is what a user names: `build_model(source, pretrained=...)`, `--model` 
 
 - `MODEL_RESOLVERS`: sources that carry a whole model (architecture, preprocessing, tokenizer and
   weights): `hf-hub:ORG/NAME` in open_clip's layout, `local-dir:DIR`, an exported directory, a clipkit
-  run directory. Each takes the source string and returns a `ResolvedModel`, or None when the string
+  run directory, a transformers CLIP / SigLIP checkpoint (a directory, or `hf:ORG/NAME` from the
+  Hugging Face cache). Each takes the source string and returns a `ResolvedModel`, or None when the string
   is not of its kind. Another kind of checkpoint (e.g. a transformers CLIPModel) is one more function
   here, added with `register_model_resolver`.
 - `PRETRAINED_RESOLVERS`: what `pretrained` may name for an architecture: an open_clip pretrained tag
@@ -106,7 +107,8 @@ def resolve(
     if path.is_dir():
         raise ClipkitError(
             f"{path} is not a model directory: expected {path / OPEN_CLIP_CONFIG_NAME} (an exported model) "
-            f"or {path / 'model' / OPEN_CLIP_CONFIG_NAME} (a finished clipkit run); export one with `clipkit export`"
+            f"or {path / 'model' / OPEN_CLIP_CONFIG_NAME} (a finished clipkit run) or config.json + model.safetensors (a "
+            "transformers CLIP / SigLIP checkpoint); export one with `clipkit export`"
         )
     if path.is_file() and path.suffix in WEIGHTS_SUFFIXES:
         raise ClipkitError(
@@ -116,7 +118,8 @@ def resolve(
     raise ClipkitError(
         f"unknown model '{text}': looked for a directory with {OPEN_CLIP_CONFIG_NAME} or a clipkit run "
         f"directory at {path.resolve()}, a config in conf/model ({', '.join(list_model_configs())}), an "
-        "open_clip architecture (open_clip.list_models()) and an hf-hub:ORG/NAME repo"
+        "open_clip architecture (open_clip.list_models()), an hf-hub:ORG/NAME repo and an hf:ORG/NAME "
+        "transformers checkpoint"
     )
 
 
@@ -236,7 +239,21 @@ def resolve_local_dir(text: str) -> ResolvedModel | None:
     )
 
 
-MODEL_RESOLVERS: list[ModelResolver] = [resolve_hf_hub, resolve_local_dir]
+def resolve_transformers(text: str) -> ResolvedModel | None:
+    """`hf:ORG/NAME[@REVISION]` (from the Hugging Face cache) or a directory holding a transformers CLIP /
+    SigLIP checkpoint (config.json + weights), converted to open_clip towers (see `models.hf_import`)."""
+    from clipkit.models import hf_import
+
+    if text.startswith(hf_import.HF_PREFIX):
+        return hf_import.resolve_transformers_dir(hf_import.snapshot_from_cache(text), source=text)
+    path = Path(text).expanduser()
+    if not hf_import.is_transformers_dir(path):
+        return None
+    return hf_import.resolve_transformers_dir(path, source=str(path))
+
+
+# resolve_local_dir before resolve_transformers: a directory with both layouts loads as open_clip's.
+MODEL_RESOLVERS: list[ModelResolver] = [resolve_hf_hub, resolve_local_dir, resolve_transformers]
 
 
 # -- what `pretrained` names for an architecture ---------------------------------------------------
