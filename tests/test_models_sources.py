@@ -118,6 +118,7 @@ def test_open_clip_pretrained_tag_resolves_through_open_clip_registry(hf_home, s
     assert all(torch.equal(ref[k], v) for k, v in from_tag.model.state_dict().items())
 
 
+@pytest.mark.slow  # four `clipkit zeroshot` processes: ~60 s on 2 loaded cores
 def test_zeroshot_with_hf_hub_equals_the_directory_and_random_weights_say_so(hf_home, small_dir, tmp_path):
     images, labels = make_images(12, seed=3), labels_for(12)
     folders = write_class_folders(tmp_path / "folders", images, labels)
