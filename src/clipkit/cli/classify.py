@@ -23,10 +23,13 @@ DEFAULT_TEMPLATE = "a photo of a {c}."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
     parser.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH or architecture"
+        "--model",
+        required=True,
+        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, hf:ORG/NAME, conf/model name or architecture",
     )
     parser.add_argument(
-        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+        "--pretrained",
+        help="weights for an architecture or config MODEL: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,bird"')
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from clipkit.eval import default_cache_dir, load_or_build_zeroshot_classifier
     from clipkit.eval.classifier import eval_mode
     from clipkit.eval.datasets import check_templates, read_classnames, read_templates
-    from clipkit.models import build_model
+    from clipkit.models import build_model, warn_if_random_weights
 
     if args.top_k < 1:
         raise ClipkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_image_arguments(args.images)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = build_model(args.model, pretrained=args.pretrained, device=device)
+    warn_if_random_weights(bundle)
     model = bundle.model
     classifier = load_or_build_zeroshot_classifier(
         model, bundle.tokenizer, labels, templates, device=device,
