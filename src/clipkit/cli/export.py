@@ -1,7 +1,8 @@
 """Write a model in open_clip's local-dir layout (default) or as a Hugging Face transformers model.
 
-SOURCE is a clipkit run directory, an exported directory, a transformers CLIP/SigLIP directory or
-hf:ORG/NAME, a config name under conf/model, or an open_clip architecture name with --pretrained FILE.
+SOURCE is a clipkit run directory, an exported directory, hf-hub:ORG/NAME, a transformers CLIP/SigLIP
+directory or hf:ORG/NAME, a config name under conf/model, or an open_clip architecture name with --pretrained
+(a weights file, an open_clip tag, hf-hub:ORG/NAME).
 --format open_clip (default): open_clip_config.json + open_clip_model.safetensors; load with
 open_clip.create_model_and_transforms("local-dir:DIR"). --format hf: a transformers CLIPModel (native
 towers) or SiglipModel (timm-tower SigLIP) with tokenizer, image processor and model card; load with
@@ -23,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open_clip: open_clip's local-dir layout (default); hf: a Hugging Face transformers model",
     )  # fmt: skip
     parser.add_argument(
-        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config SOURCE"
+        "--pretrained",
+        help="weights for an architecture or config SOURCE: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
 

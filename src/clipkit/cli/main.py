@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
     "serve": ("clipkit.cli.serve", "serve a search index over HTTP (API, search page, metrics)"),
+    "merge": ("clipkit.cli.merge", "interpolate two models in weight space (WiSE-FT)"),
 }
 
 

@@ -22,7 +22,7 @@ from clipkit.models.weights import load_state_dict_into, load_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPEN_CLIP_CONFIG_NAME", "ModelBundle", "build_model", "create_model"]
+__all__ = ["OPEN_CLIP_CONFIG_NAME", "ModelBundle", "build_model", "create_model", "warn_if_random_weights"]
 
 
 @dataclass
@@ -81,6 +81,8 @@ def build_model(
 
     preprocess_cfg = merge_preprocess_dict(asdict(PreprocessCfg()), resolved.preprocess)
     preprocess_cfg["size"] = model.visual.image_size
+    # JSON gives lists, open_clip's registry tuples: one form, so the same preprocessing compares equal.
+    preprocess_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess_cfg.items()}
     set_model_preprocess_cfg(model, preprocess_cfg)
     pp = PreprocessCfg(**preprocess_cfg)
     return ModelBundle(
@@ -93,6 +95,16 @@ def build_model(
         name=resolved.name,
         weights_source=(resolved.source or str(resolved.weights or "")) if resolved.has_weights else "",
     )
+
+
+def warn_if_random_weights(bundle: ModelBundle) -> None:
+    """One line saying that `bundle` is an untrained model (its numbers mean nothing), if it is."""
+    if not bundle.has_weights:
+        log.warning(
+            "model '%s' has random weights (no pretrained weights were named): pass --pretrained "
+            "(a weights file, an open_clip tag, hf-hub:ORG/NAME) or a trained model directory",
+            bundle.name,
+        )
 
 
 def create_model(

@@ -116,9 +116,10 @@ def resolve(
             f"build_model('ViT-B-32', pretrained='{path}') or `--model ViT-B-32 --pretrained {path}`"
         )
     raise ClipkitError(
-        f"unknown model '{text}': not an hf-hub:ORG/NAME repo, an hf:ORG/NAME transformers checkpoint, a directory with {OPEN_CLIP_CONFIG_NAME} or a "
-        f"clipkit run directory ({path.resolve()}), a config in conf/model ({', '.join(list_model_configs())}), "
-        "or an open_clip architecture (open_clip.list_models())"
+        f"unknown model '{text}': looked for a directory with {OPEN_CLIP_CONFIG_NAME} or a clipkit run "
+        f"directory at {path.resolve()}, a config in conf/model ({', '.join(list_model_configs())}), an "
+        "open_clip architecture (open_clip.list_models()), an hf-hub:ORG/NAME repo and an hf:ORG/NAME "
+        "transformers checkpoint"
     )
 
 
@@ -320,6 +321,7 @@ PRETRAINED_RESOLVERS: list[PretrainedResolver] = [
 # -- helpers ---------------------------------------------------------------------------------------
 def hub_file(repo_id: str, filenames: tuple[str, ...], *, revision: str | None = None, model: str) -> Path:
     """The first of `filenames` in hub repo `repo_id`, through huggingface_hub's cache."""
+    import huggingface_hub.constants
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -327,17 +329,15 @@ def hub_file(repo_id: str, filenames: tuple[str, ...], *, revision: str | None =
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
-        except LocalEntryNotFoundError as e:  # offline (or unreachable) and not cached
-            reason = _first_line(e)
+        except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
+            reason = "offline" if huggingface_hub.constants.HF_HUB_OFFLINE else "the hub is unreachable"
         except EntryNotFoundError:  # the repo exists but lacks this file: try the next name
             reason = f"{filename} not found"
         except Exception as e:  # missing repo, gated repo, network errors
             reason = _first_line(e)
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     raise ClipkitError(
-        f"model '{model}' needs {' or '.join(filenames)} from hub repo {repo_id}, which is not in the Hugging "
-        f"Face cache ({HF_HUB_CACHE}) and could not be fetched ({reason[:160]}); fetch it with "
+        f"model '{model}': {' or '.join(filenames)} of hub repo {repo_id} is not in the Hugging Face cache "
+        f"({huggingface_hub.constants.HF_HUB_CACHE}) and could not be fetched ({reason[:160]}); fetch it with "
         f"`hf download {repo_id}` (then HF_HUB_OFFLINE=1 works)"
     )
 

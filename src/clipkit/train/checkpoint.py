@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,10 @@ def save_checkpoint(
     open_clip_config: dict[str, Any],
     keep: int,
     sharded: tuple[Any, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes."""
+    """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes.
+    `write_extra(directory)` runs on every process before the checkpoint is marked complete (e.g. the EMA)."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     staging = root / f".tmp-step_{step:08d}"
@@ -80,6 +83,8 @@ def save_checkpoint(
 
         model, optimizer = sharded
         save_sharded(model, optimizer, staging / SHARDED_STATE_DIR)
+    if write_extra is not None:
+        write_extra(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(staging / OPEN_CLIP_CONFIG_NAME, open_clip_config)
