@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipkit.retrieval import build_index, open_index
-from clipkit.serve import MicroBatcher, ServeConfig, create_app
+from clipkit.serve import BatchFailed, MicroBatcher, ServeConfig, create_app
 from test_eval_datasets import encode, export_small_model, make_images, write_tar
 
 MAX_UPLOAD = 100_000
@@ -98,13 +98,15 @@ def test_images_are_served_with_their_type_and_thumbnails(served):
     shard = client.get("/v1/images/18")
     assert shard.headers["content-type"] == "image/jpeg"
     assert shard.content == encode(served["images"][18], "jpg")
-    for image_id, size in ((3, 20), (18, 16), (18, 400)):
+    for image_id, size in ((3, 64), (18, 128), (18, 512)):
         thumbnail = client.get(f"/v1/images/{image_id}", params={"size": size})
         assert thumbnail.status_code == 200
         picture = Image.open(io.BytesIO(thumbnail.content))
         assert thumbnail.headers["content-type"] == f"image/{picture.format.lower()}"
-        expected_width = min(40, size)  # the originals are 40 x 36: shrunk to fit, never enlarged
-        assert picture.size == (expected_width, round(36 * expected_width / 40))
+        assert picture.size == (40, 36)  # the originals are 40 x 36: never enlarged
+    other_size = client.get("/v1/images/3", params={"size": 100})
+    assert other_size.status_code == 422
+    assert other_size.json()["detail"] == "size=100 is not a thumbnail size; use one of 64, 128, 256, 512"
 
 
 def test_embeddings_are_normalised_and_equal_open_clips(served):
@@ -197,6 +199,7 @@ def bad_requests(*, max_upload: int, too_many_pixels: bytes) -> dict:
         "traversal": (lambda c: c.get("/v1/images/../../etc/passwd"), 404),
         "thumbnail size zero": (lambda c: c.get("/v1/images/1", params={"size": 0}), 422),
         "thumbnail size huge": (lambda c: c.get("/v1/images/1", params={"size": 5000}), 422),
+        "thumbnail size not offered": (lambda c: c.get("/v1/images/1", params={"size": 127}), 422),
         "no texts": (lambda c: c.post("/v1/embed/text", json={"texts": []}), 422),
         "too many texts": (lambda c: c.post("/v1/embed/text", json={"texts": ["a"] * 65}), 422),
         "empty text": (lambda c: c.post("/v1/embed/text", json={"texts": ["a", ""]}), 422),
@@ -219,7 +222,10 @@ def test_bad_input_gets_its_status_and_the_server_carries_on(served, case):
         "status": "ok",
         "images": 24,
         "model": served["index"].model["fingerprint"],
+        "generation": 2,  # a build and an add
+        "problems": [],
     }
+    assert client.get("/readyz").status_code == 200
     assert client.get("/v1/images/24").status_code == 404
     search = client.post("/v1/search", json={"query": "caption 2", "k": 3})
     assert search.status_code == 200 and len(search.json()["results"]) == 3
@@ -229,7 +235,7 @@ def test_an_api_key_guards_every_v1_route(collection):
     index, encoder = open_index(collection["root"] / "index")
     app = create_app(index, encoder, ServeConfig(api_key="s3cret-key"))
     v1_routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/v1")]
-    assert len(v1_routes) == 5
+    assert len(v1_routes) == 6
     with TestClient(app) as client:
         for path, method in v1_routes:
             url = path.replace("{image_id}", "1")
@@ -254,9 +260,10 @@ def test_an_api_key_guards_every_v1_route(collection):
         assert client.get("/v1/images/1", headers=good).status_code == 200
         for path in (
             "/healthz",
+            "/readyz",
             "/metrics",
             "/",
-        ):  # liveness, scraping and the page (it asks for the key) stay open
+        ):  # probes, scraping and the page (it asks for the key) stay open
             assert client.get(path).status_code == 200
     index.close()
 
@@ -370,7 +377,15 @@ def test_micro_batcher_hands_a_failure_to_that_batch_only():
         return batch
 
     results = run_batcher([1, -1, 2, 3], fail_on_negative, max_batch=2, max_wait_s=0.05)
-    assert [type(r) for r in results[:2]] == [ValueError, ValueError] and results[2:] == [2, 3]
+    assert [type(r) for r in results[:2]] == [BatchFailed, BatchFailed] and results[2:] == [2, 3]
+    assert all(isinstance(r.__cause__, ValueError) for r in results[:2])
+    assert "negative" not in str(results[0])  # the client is not shown the server's internals
+
+
+def test_micro_batcher_survives_a_wrong_result_count():
+    results = run_batcher([1, 2, 3], lambda batch: batch[:1] if 2 in batch else batch, max_batch=2,
+                          max_wait_s=0.05)  # fmt: skip
+    assert [type(r) for r in results[:2]] == [BatchFailed, BatchFailed] and results[2] == 3
 
 
 def test_metadata_reaches_results_as_json_safe_values(served):
