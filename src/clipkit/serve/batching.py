@@ -74,6 +74,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
         self.failure: str | None = None  # why the task ended, once it has
+        self._in_flight: list[tuple[Item, asyncio.Future]] = []  # the batch being computed
 
     @property
     def alive(self) -> bool:
@@ -116,8 +117,10 @@ class MicroBatcher(Generic[Item, Result]):
             error = task.exception()
             self.failure = f"its task failed: {type(error).__name__}: {error}"
             log.error("the %s batcher stopped: %r", self.name, error, exc_info=error)
+        waiting = list(self._in_flight)
         while self._queue is not None and not self._queue.empty():
-            _, future = self._queue.get_nowait()
+            waiting.append(self._queue.get_nowait())
+        for _, future in waiting:
             if not future.done():
                 future.set_exception(BatcherStopped(f"the {self.name} batcher is not running ({self.failure})"))
 
@@ -126,7 +129,9 @@ class MicroBatcher(Generic[Item, Result]):
             batch = await self._collect()
             batch = [(item, future) for item, future in batch if not future.done()]  # callers that gave up
             if batch:
+                self._in_flight = batch
                 await self._compute(batch)
+                self._in_flight = []
 
     async def _collect(self) -> list[tuple[Item, asyncio.Future]]:
         loop = asyncio.get_running_loop()
