@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from clipkit.retrieval import Encoder, build_index, open_index
+from clipkit.retrieval import Encoder, add_to_index, build_index, open_index
 from clipkit.serve import BatchFailed, MicroBatcher, ServeConfig, create_app
 from clipkit.serve.thumbnails import ByteBoundedCache, render_thumbnail
 from test_eval_datasets import encode, export_small_model, make_images, write_tar
@@ -598,3 +598,72 @@ def test_the_thumbnail_cache_is_bounded_in_bytes_and_keeps_the_recently_used():
     assert cache.get(3) is None and cache.get(2) is not None and cache.nbytes == 900
     cache.put(6, (bytes(1001), "image/png"))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get(6) is None and len(cache) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# New generations without a restart
+
+
+def test_an_index_add_is_served_without_restart_while_queries_run(collection, tmp_path):
+    root, images = collection["root"], collection["images"]
+    build_index(root / "images" / "folder", tmp_path / "index", model=collection["model_dir"])  # 16 images
+    index, encoder = open_index(tmp_path / "index")
+    app = create_app(index, encoder, ServeConfig(reload_interval_s=0.05))
+
+    async def scenario(client):
+        answers, adding = [], asyncio.Event()
+
+        async def query_until_added(worker: int) -> None:
+            for i in range(10_000):  # bounded: stops once the add is served, or after this many rounds
+                if adding.is_set() and answers and answers[-1][2] == 24:
+                    return
+                search = await client.post("/v1/search", json={"query": f"caption {i % 16}", "k": 24})
+                thumbnail = await client.get(f"/v1/images/{(i + worker) % 16}", params={"size": 64})
+                results = search.json().get("results", []) if search.status_code == 200 else []
+                answers.append((search.status_code, thumbnail.status_code, len(results)))
+
+        queries = [asyncio.create_task(query_until_added(worker)) for worker in range(4)]
+        await asyncio.sleep(0.2)
+        adding.set()
+        await asyncio.to_thread(add_to_index, tmp_path / "index", root / "images" / "shards")  # 8 more
+        await asyncio.wait_for(asyncio.gather(*queries), 120)
+        image_20 = png_bytes(images[20])
+        return (
+            answers, (await client.get("/healthz")).json(),
+            await client.post("/v1/search/image", files={"image": ("q.png", image_20)}, data={"k": "1"}),
+            await client.get("/v1/images/20"), await client.post("/v1/index/reload"),
+        )  # fmt: skip
+
+    answers, health, found, original, reload = asyncio.run(in_process(app, scenario))
+    assert {(search, thumbnail) for search, thumbnail, _ in answers} == {(200, 200)}  # none failed
+    assert {count for _, _, count in answers} == {16, 24}  # both generations answered, in that order
+    assert [count for _, _, count in answers] == sorted(count for _, _, count in answers)
+    assert health["images"] == 24 and health["generation"] == 2 and health["problems"] == []
+    assert found.json()["results"][0]["id"] == 20 and original.content == encode(images[20], "jpg")
+    assert reload.json() == {"reloaded": False, "generation": 2, "images": 24}  # nothing newer
+    app.state.served.close()
+
+
+def test_a_reload_to_another_models_index_is_refused_and_the_current_one_stays(collection, tmp_path):
+    root = collection["root"]
+    build_index(root / "images" / "folder", tmp_path / "index", model=collection["model_dir"])
+    index, encoder = open_index(tmp_path / "index")
+    app = create_app(index, encoder, ServeConfig(reload_interval_s=0, api_key="k"))
+    other_model = export_small_model(tmp_path / "other-model", seed=99)
+    build_index(root / "images" / "shards", tmp_path / "index", model=other_model, overwrite=True)
+    key = {"Authorization": "Bearer k"}
+
+    async def scenario(client):
+        return (
+            await client.post("/v1/index/reload"), await client.post("/v1/index/reload", headers=key),
+            (await client.get("/healthz")).json(),
+            await client.post("/v1/search", json={"query": "caption 1", "k": 24}, headers=key),
+        )  # fmt: skip
+
+    anonymous, refused, health, search = asyncio.run(in_process(app, scenario))
+    assert anonymous.status_code == 401  # the reload call is behind the API key
+    assert refused.status_code == 409 and "now names an index of another model" in refused.json()["detail"]
+    assert health["status"] == "failing" and health["generation"] == 1 and health["images"] == 16
+    assert health["problems"] == [f"the last reload failed: {refused.json()['detail']}"]
+    assert search.status_code == 200 and len(search.json()["results"]) == 16
+    app.state.served.close()
