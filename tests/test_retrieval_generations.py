@@ -44,13 +44,23 @@ def test_a_generation_stays_on_disk_until_its_last_reader_closes(tmp_path):
     commit_generation(index_dir, 10, seed=1)
     first = RetrievalIndex(index_dir)
     commit_generation(index_dir, 12, seed=2)
-    assert data_files(index_dir) == ["metadata.1.sqlite", "metadata.2.sqlite", "vectors.1.faiss", "vectors.2.faiss"]
+    assert data_files(index_dir) == [
+        "metadata.1.sqlite",
+        "metadata.2.sqlite",
+        "vectors.1.faiss",
+        "vectors.2.faiss",
+    ]
     assert first.count == 10 and first.records(range(10))[9].caption == "caption 9"  # still answers
     second = RetrievalIndex(index_dir)
     assert second.generation == 2 and second.count == 12
     first.close()
     commit_generation(index_dir, 14, seed=3)  # generation 1 has no reader now; 2 still has one
-    assert data_files(index_dir) == ["metadata.2.sqlite", "metadata.3.sqlite", "vectors.2.faiss", "vectors.3.faiss"]
+    assert data_files(index_dir) == [
+        "metadata.2.sqlite",
+        "metadata.3.sqlite",
+        "vectors.2.faiss",
+        "vectors.3.faiss",
+    ]
     second.close()
     commit_generation(index_dir, 16, seed=4)
     assert data_files(index_dir) == ["metadata.4.sqlite", "vectors.4.faiss"]

@@ -259,7 +259,9 @@ class RetrievalIndex:
             for start in range(0, len(ids), ID_CHUNK):
                 chunk = ids[start : start + ID_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id IN ({marks})", chunk)
+                rows = self._db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id IN ({marks})", chunk
+                )
                 found.update((row[0], ImageRecord.from_row(row)) for row in rows.fetchall())
         return found
 

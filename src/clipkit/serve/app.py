@@ -145,7 +145,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         bounds = np.cumsum([0, *map(len, requests)])
         return [vectors[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def encode_images(requests: list[tuple[torch.Tensor, int | None]]) -> list[tuple[np.ndarray, list | None]]:
+    def encode_images(
+        requests: list[tuple[torch.Tensor, int | None]],
+    ) -> list[tuple[np.ndarray, list | None]]:
         """Uploads already transformed for the model; k None: the embedding only, else also the search."""
         vectors = encoder.encode_pixels(torch.stack([pixels for pixels, _ in requests]))  # (B, D)
         searched = [i for i, (_, k) in enumerate(requests) if k is not None]
@@ -159,8 +161,13 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     batch_wait_s = config.batch_wait_ms / 1000
     batchers = {
         name: MicroBatcher(
-            compute, executor=model_thread, max_batch=max_batch, max_wait_s=batch_wait_s,
-            max_queue=config.max_queue, on_batch=metrics.batch_size.labels(name).observe, name=name,
+            compute,
+            executor=model_thread,
+            max_batch=max_batch,
+            max_wait_s=batch_wait_s,
+            max_queue=config.max_queue,
+            on_batch=metrics.batch_size.labels(name).observe,
+            name=name,
         )  # fmt: skip
         for name, compute, max_batch in (
             ("search", search_texts, config.max_batch),
@@ -176,7 +183,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         watcher = None
         if config.reload_interval_s > 0:
             watcher = asyncio.create_task(
-                watch_manifest(served, config.reload_interval_s, lambda fresh: note_generation(metrics, fresh))
+                watch_manifest(
+                    served, config.reload_interval_s, lambda fresh: note_generation(metrics, fresh)
+                )
             )
         try:
             yield
@@ -292,7 +301,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         return Reloaded(reloaded=switched, generation=served.current.generation, images=served.current.count)
 
     def problems() -> list[str]:
-        found = [f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive]
+        found = [
+            f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive
+        ]
         if served.reload_error:
             found.append(f"the last reload failed: {served.reload_error}")
         return found
@@ -309,7 +320,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         responses={503: {"description": "a batcher is not running"}},
     )
     async def readyz() -> JSONResponse:
-        stopped = [f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive]
+        stopped = [
+            f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive
+        ]
         if stopped:
             return JSONResponse({"detail": "; ".join(stopped)}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -340,7 +353,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
     if config.api_key:
         app.add_middleware(ApiKeyGuard, api_key=config.api_key, prefix="/v1/")
-    app.add_middleware(RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
+    app.add_middleware(
+        RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app
 

@@ -122,7 +122,9 @@ class MicroBatcher(Generic[Item, Result]):
             waiting.append(self._queue.get_nowait())
         for _, future in waiting:
             if not future.done():
-                future.set_exception(BatcherStopped(f"the {self.name} batcher is not running ({self.failure})"))
+                future.set_exception(
+                    BatcherStopped(f"the {self.name} batcher is not running ({self.failure})")
+                )
 
     async def _run(self) -> None:
         while True:
@@ -164,7 +166,9 @@ class MicroBatcher(Generic[Item, Result]):
             for _, future in batch:
                 if not future.done():
                     # The client sees no internals (paths, messages); the log has them.
-                    failure = BatchFailed(f"the {self.name} batch this request was in failed; the server log says why")
+                    failure = BatchFailed(
+                        f"the {self.name} batch this request was in failed; the server log says why"
+                    )
                     failure.__cause__ = e
                     future.set_exception(failure)
             return

@@ -82,7 +82,9 @@ class ServedIndex:
                     del self._users[old]
             if retired:
                 old.close()
-            log.info("now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.count)
+            log.info(
+                "now serving generation %d of %s (%d images)", fresh.generation, self.index_dir, fresh.count
+            )
             return True
 
     def close(self) -> None:

@@ -37,7 +37,9 @@ class ServerMetrics:
             "clipkit_index_images", "Images in the served index", registry=self.registry
         )
         self.index_generation = Gauge(
-            "clipkit_index_generation", "Generation of the served index (index.json's)", registry=self.registry
+            "clipkit_index_generation",
+            "Generation of the served index (index.json's)",
+            registry=self.registry,
         )
         self.batch_size = Histogram(
             "clipkit_batch_size", "Requests computed together in one micro-batch", ["batcher"],
