@@ -168,7 +168,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
             max_queue=config.max_queue,
             on_batch=metrics.batch_size.labels(name).observe,
             name=name,
-        )  # fmt: skip
+        )
         for name, compute, max_batch in (
             ("search", search_texts, config.max_batch),
             ("embed_text", embed_texts, config.max_batch),

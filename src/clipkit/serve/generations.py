@@ -105,7 +105,7 @@ def manifest_stamp(index_dir) -> tuple[int, int, int] | None:
 
 async def watch_manifest(served: ServedIndex, interval_s: float, on_reload) -> None:
     """Reload whenever `index.json` is replaced, checking every `interval_s` seconds (until cancelled)."""
-    seen = manifest_stamp(served.index_dir)
+    seen = None  # the first check compares generations: a commit since the index was opened is not missed
     while True:
         await asyncio.sleep(interval_s)
         stamp = manifest_stamp(served.index_dir)
