@@ -67,8 +67,8 @@ def test_256_clients_for_30_seconds_get_only_200s_and_503s_while_an_add_is_serve
 
         async def load():
             seen: list = []
-            # Idle connections are dropped before uvicorn's 5 s keep-alive ends them, as a client should: else
-            # a request sent just as the server closes an idle connection meets a reset (not a server failure).
+            # Idle connections are dropped long before the server's keep-alive (75 s) ends them, as a client
+            # should: else a request sent just as the server closes an idle connection meets a reset.
             limits = httpx.Limits(
                 max_connections=CLIENTS, max_keepalive_connections=CLIENTS, keepalive_expiry=2
             )
@@ -102,7 +102,8 @@ def test_256_clients_for_30_seconds_get_only_200s_and_503s_while_an_add_is_serve
     assert added.returncode == 0, added.stderr[-2000:]
     statuses = [status for status, _ in seen]
     log = (tmp_path / "server.log").read_text()[-3000:]
-    assert set(statuses) <= {200, 503}, ([s for s in seen if s[0] not in (200, 503)][:5], log)
+    failed = [s for s in seen if s[0] not in (200, 503)]
+    assert set(statuses) <= {200, 503}, (len(failed), failed[:5], log)
     assert statuses.count(200) > CLIENTS  # every client was answered, most more than once
     assert all(retry == "1" for status, retry in seen if status == 503)
     # Recovered, and serving the new generation without a restart.

@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         server_header=False,
         timeout_graceful_shutdown=5,
+        # Longer than the idle timeout of clients and load balancers (httpx 5 s, AWS ALB 60 s), as nginx's
+        # 75 s is: a server that closes an idle connection first races a request sent on it, which then
+        # fails with a reset, however healthy the server (uvicorn's default is 5 s).
+        timeout_keep_alive=75,
     )
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
