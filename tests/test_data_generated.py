@@ -64,6 +64,17 @@ def test_synthetic_dataset_is_deterministic_and_its_captions_name_what_is_drawn(
     assert collections.Counter(int(s["cls"]) for s in test) == {label: 2 for label in range(20)}
 
 
+def test_bundled_digits_are_scikit_learns():
+    """clipkit ships the digits file so the Quickstart needs no scikit-learn; it reads what scikit-learn reads."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from clipkit.data.digits import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    reference = sklearn_datasets.load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+
+
 def test_digits_dataset_builds_with_a_stratified_split(tmp_path, capsys):
     pytest.importorskip("sklearn")
     assert clipkit_main(["shards", "digits", "--out", str(tmp_path / "digits")]) == 0
@@ -119,7 +130,6 @@ def test_synthetic_config_works_on_a_fresh_machine(tmp_path, monkeypatch):
 
 
 def test_digits_config_points_at_its_test_split_for_zero_shot(tmp_path, monkeypatch):
-    pytest.importorskip("sklearn")
     monkeypatch.setenv("CLIPKIT_CACHE", str(tmp_path))
     cfg = prepare_data(DataConfig.from_dict(_compose_data("digits")))
     root = tmp_path / "datasets" / "digits-seed0-32px"

@@ -58,7 +58,6 @@ def make_inputs(root) -> None:
 
 @pytest.mark.slow
 def test_data_section_commands_and_snippets_run(tmp_path):
-    pytest.importorskip("sklearn")  # `clipkit shards digits`
     make_inputs(tmp_path)
     commands = [line.split("  #")[0].strip() for block in blocks("bash") for line in block.splitlines()]
     commands = [c for c in commands if c and not c.startswith("#")]

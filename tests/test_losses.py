@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 
 import open_clip.loss
@@ -205,6 +206,22 @@ def test_loss_configs_build_the_losses(loss, expected_class):
     assert loss_fn.init_logit_bias == cfg.init_logit_bias
     assert loss_fn.max_logit_scale == cfg.max_logit_scale
     assert loss_fn.process_layout() == (0, 1)  # no torch.distributed: one process
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_losses_need_no_arguments_like_open_clips(loss, with_bias):
+    image, text = (f.float() for f in features())
+    scale, bias = START[loss][0], START[loss][1] if with_bias else None
+    ours = value_and_grads(OURS[loss](), image, text, scale, bias)
+    theirs = value_and_grads(OPEN_CLIP[loss](), image, text, scale, bias)
+    assert_all_close(ours, theirs)
+    # Unset, the start values are the published ones (what open_clip's models start from).
+    built = OURS[loss]()
+    expected_scale, expected_bias = START[loss]
+    assert built.init_logit_scale == pytest.approx(math.log(expected_scale))
+    assert built.init_logit_bias == expected_bias
+    assert built.max_logit_scale is None
 
 
 def test_scale_above_its_clamp_is_refused():

@@ -23,10 +23,13 @@ DEFAULT_TEMPLATE = "a photo of a {c}."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
     parser.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH or architecture"
+        "--model",
+        required=True,
+        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, hf:ORG/NAME, conf/model name or architecture",
     )
     parser.add_argument(
-        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+        "--pretrained",
+        help="weights for an architecture or config MODEL: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,bird"')
@@ -48,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
+    from clipkit.data.images import read_image
     from clipkit.errors import ClipkitError
     from clipkit.eval import default_cache_dir, load_or_build_zeroshot_classifier
     from clipkit.eval.classifier import eval_mode
     from clipkit.eval.datasets import check_templates, read_classnames, read_templates
-    from clipkit.eval.loader import read_image
-    from clipkit.models import build_model
+    from clipkit.models import build_model, warn_if_random_weights
 
     if args.top_k < 1:
         raise ClipkitError(f"--top-k must be at least 1, got {args.top_k}")
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_image_arguments(args.images)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = build_model(args.model, pretrained=args.pretrained, device=device)
+    warn_if_random_weights(bundle)
     model = bundle.model
     classifier = load_or_build_zeroshot_classifier(
         model, bundle.tokenizer, labels, templates, device=device,
@@ -141,8 +145,8 @@ def parse_labels(text: str) -> list[str]:
 
 def expand_image_arguments(arguments: list[str]) -> list[Path]:
     """Files as given, folders searched recursively for images, globs expanded (sorted)."""
+    from clipkit.data.images import IMAGE_EXTENSIONS, is_image_file
     from clipkit.errors import ClipkitError
-    from clipkit.eval.datasets import IMAGE_EXTENSIONS, is_image_file
 
     paths: list[Path] = []
     for argument in arguments:

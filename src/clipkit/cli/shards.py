@@ -4,7 +4,7 @@ INPUT is one of:
   a table (.csv / .tsv / .jsonl / .parquet) with an image-path column and a caption column;
   a folder of images with a .txt caption beside each (photo.jpg + photo.txt);
   a folder of class sub-folders (captions from --template; also writes the zero-shot files and a test split);
-  `digits`: scikit-learn's bundled handwritten digits; `synthetic`: clipkit's generated shapes.
+  `digits`: handwritten digits (UCI's 8x8 scans, bundled); `synthetic`: clipkit's generated shapes.
 Inputs that cannot be read are listed (and kept in _info.json), not fatal.
 """
 

@@ -1,10 +1,11 @@
 """Zero-shot classification (or retrieval) of a model on a labelled dataset, with CLIP_benchmark's metrics.
 
-MODEL is a clipkit run directory, an exported directory, local-dir:PATH, a conf/model name, or an
-open_clip architecture with --pretrained FILE. DATASET is a CLIP_benchmark wds directory, a folder of
-class sub-folders, or webdataset shards with KEY.json labels (plus --classnames); with --task retrieval,
-captioned shards (KEY.jpg + KEY.txt) or a CLIP_benchmark retrieval directory. The text classifier is
-computed once per model and prompt set and cached (--cache-dir).
+MODEL is a clipkit run directory, an exported directory, local-dir:PATH, hf-hub:ORG/NAME, a transformers
+checkpoint (dir or hf:ORG/NAME), a conf/model name, or an open_clip architecture with --pretrained (a weights
+file, an open_clip tag, hf-hub:ORG/NAME). DATASET is a CLIP_benchmark wds directory, a folder of class
+sub-folders, or webdataset shards with KEY.json labels (plus --classnames); with --task retrieval, captioned
+shards (KEY.jpg + KEY.txt) or a CLIP_benchmark retrieval directory. The text classifier is computed once per
+model and prompt set and cached (--cache-dir).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ MAX_SKIPPED_LISTED = 1000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH or architecture"
+        "--model",
+        required=True,
+        help="run dir, exported dir, local-dir:PATH, hf-hub:ORG/NAME, hf:ORG/NAME, conf/model name or architecture",
     )
     parser.add_argument(
-        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+        "--pretrained",
+        help="weights for an architecture or config MODEL: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
     parser.add_argument("--dataset", required=True, help="dataset directory, shard file or shard pattern")
     parser.add_argument(
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         load_or_build_zeroshot_classifier,
         open_eval_dataset,
     )
-    from clipkit.models import build_model
+    from clipkit.models import build_model, warn_if_random_weights
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = open_eval_dataset(
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and dataset.task == "retrieval":
         raise ClipkitError("--plot draws a classification confusion matrix; drop it for retrieval")
     bundle = build_model(args.model, pretrained=args.pretrained, device=device)
+    warn_if_random_weights(bundle)
     options = dict(device=device, batch_size=args.batch_size, workers=args.workers, precision=args.precision)
     report = {"dataset": args.dataset, "model": args.model, "pretrained": args.pretrained}
     if dataset.task == "retrieval":
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         num_images=result.num_images,
         skipped_images=len(result.skipped),
         skipped=[{"key": s.key, "reason": s.reason} for s in result.skipped[:MAX_SKIPPED_LISTED]],
+        bad_shards=[{"url": s.url, "reason": s.reason} for s in result.bad_shards],
     )
     print(format_table(report, dataset.describe()))
     if args.output:
@@ -133,4 +139,6 @@ def format_table(report: dict, description: str) -> str:
     lines += [f"  {key:<{width}}  {value:.4f}" for key, value in report["metrics"].items()]
     if report["skipped"]:
         lines.append(f"  skipped, e.g. {report['skipped'][0]['key']}: {report['skipped'][0]['reason']}")
+    for shard in report.get("bad_shards", []):
+        lines.append(f"  unreadable shard {shard['url']} (skipped): {shard['reason']}")
     return "\n".join(lines)

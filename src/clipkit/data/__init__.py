@@ -1,18 +1,30 @@
 """Training data: webdataset shards in, batches out; shard writing, generated datasets, tokenizers.
 
 `clipkit.data` imports neither Accelerate nor Hydra: the training loop passes rank, world size and seed.
+The stream and the shard reader load torch and webdataset; they are imported on first use, so that
+`clipkit.data.inputs`, `clipkit.data.images` and `clipkit.data.config` stay light.
 """
 
-from clipkit.data.config import DataConfig
-from clipkit.data.prepare import ensure_generated, prepare_data
-from clipkit.data.shards import iter_captions
-from clipkit.data.stream import TrainStream, iter_val_batches
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig",
-    "TrainStream",
-    "ensure_generated",
-    "iter_captions",
-    "iter_val_batches",
-    "prepare_data",
-]
+import importlib
+from typing import Any
+
+from clipkit.data.config import DataConfig
+
+# name -> the module that defines it, imported when the name is first used (PEP 562).
+_LAZY = {
+    "TrainStream": "clipkit.data.stream",
+    "iter_val_batches": "clipkit.data.stream",
+    "ensure_generated": "clipkit.data.prepare",
+    "prepare_data": "clipkit.data.prepare",
+    "iter_captions": "clipkit.data.shards",
+}
+
+__all__ = ["DataConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'clipkit.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -10,6 +10,11 @@ from typing import Any
 
 from clipkit.errors import ClipkitError
 
+# open_clip.transform.AugmentationCfg's fields (listed, not imported: this module does not import torch).
+AUGMENTATION_KEYS = (
+    "scale", "ratio", "color_jitter", "re_prob", "re_count", "use_timm", "color_jitter_prob", "gray_scale_prob",
+)  # fmt: skip
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -33,6 +38,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # A directory in the zero-shot layout (test/, classnames.txt, templates) evaluated during training.
     zeroshot_dataset: str | None = None
+    # Training-time image augmentation, open_clip's `aug_cfg` keys (AugmentationCfg): scale, ratio,
+    # color_jitter, color_jitter_prob, gray_scale_prob, re_prob, re_count, use_timm. null: open_clip's
+    # default (a random resized crop with scale (0.9, 1.0)).
+    augmentation: dict[str, Any] | None = None
     # A dataset clipkit generates when missing: {name: synthetic | digits, dir: DIR, ...its options}.
     generate: dict[str, Any] | None = None
     # Filled by prepare_data: each train / val source as a list of concrete shard URLs. Not user keys.
@@ -74,6 +83,16 @@ class DataConfig:
                 raise ClipkitError(f"weights must be a list of numbers, got {self.weights!r}")
             if any(not isinstance(w, int | float) or isinstance(w, bool) or w <= 0 for w in self.weights):
                 raise ClipkitError(f"weights must all be positive numbers, got {self.weights!r}")
+        if self.augmentation is not None:
+            if not isinstance(self.augmentation, Mapping):
+                raise ClipkitError(
+                    f"augmentation must be a mapping of open_clip aug_cfg keys, got {self.augmentation!r}"
+                )
+            unknown = sorted(set(self.augmentation) - set(AUGMENTATION_KEYS))
+            if unknown:
+                raise ClipkitError(
+                    f"augmentation: unknown key(s) {unknown}; open_clip's aug_cfg keys are {list(AUGMENTATION_KEYS)}"
+                )
         if self.generate is not None:
             if (
                 not isinstance(self.generate, Mapping)

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipkit.data.stream import stable_seed
+from clipkit.data.images import is_image_file
+from clipkit.data.seeds import stable_seed
 from clipkit.data.writer import Record
 from clipkit.errors import ClipkitError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
@@ -34,15 +34,11 @@ def detect_kind(path: Path) -> str:
         raise ClipkitError(f"{path}: a table must be one of {', '.join(TABLE_SUFFIXES)}")
     if not path.is_dir():
         raise ClipkitError(f"input not found: {path} (give a table file, a folder, 'digits' or 'synthetic')")
-    if any(_is_image(p) for p in path.iterdir()):
+    if any(is_image_file(p) for p in path.iterdir()):
         return "captions"
-    if any(p.is_dir() and any(_is_image(q) for q in p.rglob("*")) for p in path.iterdir()):
+    if any(p.is_dir() and any(is_image_file(q) for q in p.rglob("*")) for p in path.iterdir()):
         return "classes"
     raise ClipkitError(f"{path} holds no images, neither directly nor in class sub-folders")
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _key(index: int) -> str:
@@ -112,7 +108,7 @@ def _jsonable(value: Any) -> Any:
 def read_caption_folder(folder: Path) -> Inputs:
     """Every image under `folder` (recursively) with the caption in the .txt file of the same name."""
     records, failed = [], []
-    for image_path in sorted(p for p in folder.rglob("*") if _is_image(p)):
+    for image_path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
         caption_path = image_path.with_suffix(".txt")
         caption = (
             caption_path.read_text(encoding="utf-8", errors="replace").strip()
@@ -146,7 +142,7 @@ def read_class_folders(folder: Path, *, templates: list[str], test_fraction: flo
     classnames = [p.name.replace("_", " ") for p in folders]
     train, test = [], []
     for label, (class_folder, classname) in enumerate(zip(folders, classnames, strict=True)):
-        images = sorted(p for p in class_folder.rglob("*") if _is_image(p))
+        images = sorted(p for p in class_folder.rglob("*") if is_image_file(p))
         random.Random(stable_seed(seed, "class-split", class_folder.name)).shuffle(images)
         cut = round(len(images) * test_fraction)
         for split, members in ((test, images[:cut]), (train, images[cut:])):

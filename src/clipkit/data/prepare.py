@@ -46,7 +46,8 @@ def prepare_data(cfg: DataConfig) -> DataConfig:
             if len(cfg.weights) != len(sources):
                 raise ClipkitError(
                     f"data.weights has {len(cfg.weights)} entries but data.train_shards has {len(sources)} "
-                    "sources (joined with '::'); give one weight per source"
+                    "sources (joined with '::'); give one weight per source (an unquoted brace range "
+                    "that the shell expanded arrives as one source per shard: quote it)"
                 )
         elif len(sources) > 1:
             # Without weights the sources are one dataset: one pass sees each of their samples once.

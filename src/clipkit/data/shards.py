@@ -17,8 +17,6 @@ from clipkit.errors import ClipkitError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
 # Called with (shard url, sample key or None, reason) for every problem met while reading.
 ErrorCallback = Callable[[str, "str | None", str], None]
 
@@ -160,10 +158,6 @@ def iter_shard_samples(url: str, on_error: ErrorCallback) -> Iterator[dict[str, 
         on_error(url, None, problems[0])
     elif count == 0:
         on_error(url, None, "empty shard (no samples)")
-
-
-def image_field(sample: dict[str, Any]) -> str | None:
-    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
 def caption_of(sample: dict[str, Any]) -> str:

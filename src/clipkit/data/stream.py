@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import io
 import logging
 import math
 import random
@@ -33,11 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from webdataset.filters import shuffle as shuffle_stage
 
 from clipkit.data.config import DataConfig
-from clipkit.data.shards import caption_of, image_field, iter_shard_samples
+from clipkit.data.images import decode_sample_image
+from clipkit.data.seeds import stable_seed
+from clipkit.data.shards import caption_of, iter_shard_samples
 from clipkit.errors import ClipkitError
 
 log = logging.getLogger(__name__)
@@ -50,25 +51,13 @@ MAX_EMPTY_EPOCHS = 16
 MAX_LOGGED_PROBLEMS = 50
 
 
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from values, identical in every process (unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
     """(RGB image, caption) of a raw sample, or ValueError naming what is wrong with it."""
     caption = caption_of(sample)
-    ext = image_field(sample)
-    if ext is None:
-        raise ValueError("no image (.jpg/.jpeg/.png/.webp)")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            return image.convert("RGB"), caption  # convert() decodes fully: truncated files fail here
-    except UnidentifiedImageError:
-        raise ValueError(f"undecodable image .{ext} (not in a format PIL reads)") from None
-    except Exception as e:
-        raise ValueError(f"undecodable image .{ext} ({type(e).__name__}: {e})") from None
+    image, reason = decode_sample_image(sample)
+    if image is None:
+        raise ValueError(reason)
+    return image, caption
 
 
 def seed_sample_rngs(seed: int, epoch: int, url: str, key: str) -> None:
@@ -316,7 +305,7 @@ class _BatchProducer(torch.utils.data.IterableDataset):
 class TrainStream:
     """Endless training batches `(images (B,3,H,W) float32, tokens (B,L) long)` for one process.
 
-    `cfg` comes from `prepare_data` (called here if it was not). `transform` and `tokenizer` are the
+    `cfg` comes from `prepare_data` (which builds generated datasets and resolves shard specs). `transform` and `tokenizer` are the
     model's (`bundle.train_transform`, `bundle.tokenizer`); both run in the DataLoader workers, so they
     must be picklable or the start method must be fork. `rank` / `world_size` are this process's place in
     the run; `seed` fixes shard order, shuffling and augmentation.
@@ -336,9 +325,10 @@ class TrainStream:
         if not 0 <= rank < world_size:
             raise ClipkitError(f"TrainStream: rank {rank} is not in [0, world_size={world_size})")
         if cfg.train_sources is None:
-            from clipkit.data.prepare import prepare_data
-
-            cfg = prepare_data(cfg)
+            # Preparing may generate a demo dataset: a step of its own, before any stream exists.
+            raise ClipkitError(
+                "TrainStream needs a prepared data config: cfg = clipkit.data.prepare_data(cfg) first"
+            )
         if not cfg.train_sources:
             raise ClipkitError("data.train_shards is not set: name the training shards (see conf/data/)")
         self.cfg = cfg

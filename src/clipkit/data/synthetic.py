@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipkit.data.stream import stable_seed
+from clipkit.data.seeds import stable_seed
 from clipkit.data.writer import ImageOptions, Record, write_classification_dataset
 
 SHAPES = ("circle", "square", "triangle", "cross")

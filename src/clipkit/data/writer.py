@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 
 from clipkit.errors import ClipkitError
@@ -113,6 +112,8 @@ def _write_shard(
     path, records, layout, options, load_image = job
     failed: list[dict[str, str]] = []
     written = 0
+    import webdataset as wds  # here, not at the top: webdataset imports torch; readers of Record need not
+
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as tar:
             for record in records:

@@ -19,7 +19,7 @@ from clipkit.eval.datasets import (
     read_classnames,
     read_templates,
 )
-from clipkit.eval.loader import EvalBatch, EvalLoader, SkippedImage
+from clipkit.eval.loader import EvalBatch, EvalLoader, SkippedImage, SkippedShard
 from clipkit.eval.metrics import (
     classification_counts,
     classification_metrics,
@@ -44,6 +44,7 @@ __all__ = [
     "EvalLoader",
     "RetrievalFeatures",
     "SkippedImage",
+    "SkippedShard",
     "ZeroshotResult",
     "build_zeroshot_classifier",
     "class_prompts",

@@ -23,9 +23,13 @@ import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from clipkit.data.images import is_image_file
 from clipkit.errors import ClipkitError
+
+if TYPE_CHECKING:
+    from clipkit.data.shards import ErrorCallback
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,6 @@ TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
 NSHARDS_FILE = "nshards.txt"
 
-# Image extensions in CLIP_benchmark's order of preference (it takes the first one a sample has),
-# then the others PIL reads.
-IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
 
 SUPPORTED_LAYOUTS = (
     "a CLIP_benchmark wds directory (DIR/test/nshards.txt, DIR/test/0.tar ... with KEY.jpg|png|webp + "
@@ -75,14 +76,17 @@ class EvalDataset:
         return None if self.classnames is None else len(self.classnames)
 
     def count_samples(self) -> int | None:
-        """The number of samples, from tar headers alone (None for remote shards)."""
+        """The number of samples, from tar headers alone (None for remote or unreadable shards)."""
         if self.layout == "class_folders":
             return len(self.files)
         total = 0
         for shard in self.shards:
             if "://" in shard or shard.startswith("pipe:") or not Path(shard).is_file():
                 return None
-            total += _count_tar_samples(Path(shard))
+            count = _count_tar_samples(Path(shard))
+            if count is None:
+                return None
+            total += count
         return total
 
     def describe(self) -> str:
@@ -241,20 +245,22 @@ def openai_imagenet_templates() -> list[str]:
     return [template("{c}") for template in OPENAI_IMAGENET_TEMPLATES]
 
 
-def iter_shard_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Raw webdataset samples (`__key__`, `__url__`, one bytes entry per extension), shards in order."""
-    import webdataset as wds
+def iter_dataset_samples(
+    shards: Sequence[str], on_error: ErrorCallback | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples (`__key__`, `__url__`, one bytes entry per extension), shards in order.
 
-    current = None
-    try:
-        for sample in wds.tariterators.tarfile_samples([{"url": url} for url in shards]):
-            current = sample.get("__url__")
-            yield sample
-    except (tarfile.TarError, OSError, ValueError) as e:
-        where = current or (shards[0] if len(shards) == 1 else "one of the shards")
-        raise ClipkitError(
-            f"cannot read {where} as a webdataset tar shard ({type(e).__name__}: {e})"
-        ) from None
+    Read by the data layer's tolerant shard reader, as training reads: a shard that cannot be opened,
+    or is corrupt or truncated, goes to `on_error(url, None, reason)` and its readable samples are kept.
+    """
+    from clipkit.data.shards import iter_shard_samples  # imports webdataset (and torch): only when reading
+
+    for url in shards:
+        yield from iter_shard_samples(url, on_error or _ignore_error)
+
+
+def _ignore_error(url: str, key: str | None, reason: str) -> None:
+    pass
 
 
 def _open_clip_benchmark_dir(root: Path, *, split: str, task: str) -> EvalDataset:
@@ -307,7 +313,7 @@ def _open_shards(shards: list[str], source: str, *, task: str, home: Path | None
 
 
 def _guess_shard_task(shards: list[str]) -> str:
-    for sample in iter_shard_samples(shards[:1]):
+    for sample in iter_dataset_samples(shards[:1]):
         if "cls" in sample or "json" in sample:
             return CLASSIFICATION
         if "txt" in sample:
@@ -318,10 +324,6 @@ def _guess_shard_task(shards: list[str]) -> str:
 
 def _class_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def _open_class_folders(path: Path, *, task: str) -> EvalDataset:
@@ -378,14 +380,18 @@ def _expand_shard_pattern(pattern: str) -> list[str]:
     return shards
 
 
-def _count_tar_samples(path: Path) -> int:
+def _count_tar_samples(path: Path) -> int | None:
+    """Samples in a tar from its headers; None when the tar cannot be read (the reader reports it)."""
     import webdataset as wds
 
     keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:  # reads headers only: tarfile seeks over member data in a regular file
-            if member.isreg():
-                key, _ = wds.tariterators.base_plus_ext(member.name)
-                if key is not None and not Path(member.name).name.startswith("__"):
-                    keys.add(key)
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:  # reads headers only: tarfile seeks over member data in a regular file
+                if member.isreg():
+                    key, _ = wds.tariterators.base_plus_ext(member.name)
+                    if key is not None and not Path(member.name).name.startswith("__"):
+                        keys.add(key)
+    except (tarfile.TarError, OSError):
+        return None
     return len(keys)

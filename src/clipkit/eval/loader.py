@@ -8,7 +8,6 @@ most one sample. Images that cannot be decoded are skipped and reported in `Eval
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +16,11 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from clipkit.data.images import decode_image, decode_sample_image, read_image
 from clipkit.errors import ClipkitError
-from clipkit.eval.datasets import CLASSIFICATION, IMAGE_EXTENSIONS, EvalDataset, iter_shard_samples
+from clipkit.eval.datasets import CLASSIFICATION, EvalDataset, iter_dataset_samples
+
+__all__ = ["EvalBatch", "EvalLoader", "SkippedImage", "SkippedShard", "decode_image", "read_image"]
 
 
 class EvalBatch(NamedTuple):
@@ -33,12 +35,18 @@ class SkippedImage(NamedTuple):
     reason: str
 
 
+class SkippedShard(NamedTuple):
+    url: str
+    reason: str  # cannot be opened, corrupt or truncated (its readable samples are still evaluated)
+
+
 class EvalLoader:
     """Iterable of `EvalBatch` for one process (`rank` of `world_size`).
 
     `transform` turns a PIL RGB image into a (3, H, W) tensor (a model's `eval_transform`).
     `workers` > 0 decodes in DataLoader worker processes. After (or during) iteration, `skipped`
-    lists this process's undecodable images.
+    lists this process's undecodable images and `bad_shards` the shards that could not be read whole
+    (reported by rank 0 only, since every rank reads every shard): evaluation goes on without them.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class EvalLoader:
         self.workers = workers
         self.pin_memory = pin_memory
         self.skipped: list[SkippedImage] = []
+        self.bad_shards: list[SkippedShard] = []
 
     def count_samples(self) -> int | None:
         """How many samples this rank reads (None when the dataset's size is unknown up front)."""
@@ -72,6 +81,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[EvalBatch]:
         self.skipped = []
+        self.bad_shards = []
         stream = _SampleStream(
             self.dataset,
             self.transform,
@@ -89,6 +99,7 @@ class EvalLoader:
             if "error" in raw:
                 raise ClipkitError(raw["error"])
             self.skipped.extend(SkippedImage(*item) for item in raw["skipped"])
+            self.bad_shards.extend(SkippedShard(*item) for item in raw["bad_shards"])
             if len(raw["indices"]):  # a worker's last chunk may hold only skipped samples
                 yield EvalBatch(raw["images"], raw["labels"], raw["captions"], raw["indices"])
 
@@ -122,7 +133,13 @@ class _SampleStream(torch.utils.data.IterableDataset):
     def _batches(self, offset: int, stride: int) -> Iterator[dict[str, Any]]:
         items: list[tuple[torch.Tensor, Any, int]] = []
         skipped: list[tuple[str, str]] = []
-        for index, raw in enumerate(self._raw_samples()):
+        bad_shards: list[tuple[str, str]] = []
+
+        def shard_error(url: str, key: str | None, reason: str) -> None:
+            if offset == 0:  # every reader reads every shard: one of them reports it
+                bad_shards.append((url, reason))
+
+        for index, raw in enumerate(self._raw_samples(shard_error)):
             if index % stride != offset:
                 continue
             target = self._target(raw)
@@ -132,18 +149,18 @@ class _SampleStream(torch.utils.data.IterableDataset):
                 continue
             items.append((self.transform(image), target, index))
             if len(items) == self.batch_size:
-                yield self._collate(items, skipped)
-                items, skipped = [], []
-        if items or skipped:
-            yield self._collate(items, skipped)
+                yield self._collate(items, skipped, bad_shards)
+                items, skipped, bad_shards = [], [], []
+        if items or skipped or bad_shards:
+            yield self._collate(items, skipped, bad_shards)
 
-    def _raw_samples(self) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, on_shard_error) -> Iterator[dict[str, Any]]:
         if self.dataset.layout == "class_folders":
             root = Path(self.dataset.source)
             for path, label in self.dataset.files:
                 yield {"__key__": str(Path(path).relative_to(root)), "__path__": path, "label": label}
         else:
-            yield from iter_shard_samples(self.dataset.shards)
+            yield from iter_dataset_samples(self.dataset.shards, on_shard_error)
 
     def _target(self, raw: dict[str, Any]) -> int | list[str]:
         if self.dataset.task != CLASSIFICATION:
@@ -178,12 +195,14 @@ class _SampleStream(torch.utils.data.IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> tuple[Image.Image | None, str]:
         if "__path__" in raw:
             return read_image(raw["__path__"])
-        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if ext is None:
-            return None, f"no image file ({'|'.join(IMAGE_EXTENSIONS)})"
-        return decode_image(raw[ext], name=f"{raw['__key__']}.{ext}")
+        return decode_sample_image(raw)
 
-    def _collate(self, items: list[tuple[torch.Tensor, Any, int]], skipped: list[tuple[str, str]]) -> dict:
+    def _collate(
+        self,
+        items: list[tuple[torch.Tensor, Any, int]],
+        skipped: list[tuple[str, str]],
+        bad_shards: list[tuple[str, str]],
+    ) -> dict:
         classification = self.dataset.task == CLASSIFICATION
         return {
             "images": torch.stack([item[0] for item in items]) if items else torch.empty(0),
@@ -191,27 +210,8 @@ class _SampleStream(torch.utils.data.IterableDataset):
             "captions": None if classification else [item[1] for item in items],
             "indices": torch.tensor([item[2] for item in items], dtype=torch.long),
             "skipped": skipped,
+            "bad_shards": bad_shards,
         }
-
-
-def decode_image(data: bytes, *, name: str) -> tuple[Image.Image | None, str]:
-    """An RGB PIL image, or None and the reason it cannot be decoded."""
-    try:
-        # What webdataset's "pil" image decoder (CLIP_benchmark's) does.
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB"), ""
-    except Exception as e:  # PIL raises many types for corrupt data
-        return None, f"cannot decode {name} ({type(e).__name__}: {e})"
-
-
-def read_image(path: str | Path) -> tuple[Image.Image | None, str]:
-    """`decode_image` on a file's bytes; an unreadable file is a reason too."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return None, f"cannot read {path} ({e.strerror or e})"
-    return decode_image(data, name=str(path))
 
 
 def _parse_label(value: Any, raw: dict[str, Any]) -> int:

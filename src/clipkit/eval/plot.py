@@ -1,11 +1,16 @@
-"""Draw a confusion matrix to an image file (matplotlib, imported only when a plot is asked for)."""
+"""Pictures of a model's results: a confusion matrix, training curves, the top images for text queries.
+
+matplotlib is imported only when a picture is asked for; every file is written under a temporary name
+and renamed when complete.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def plot_confusion_matrix(
@@ -16,12 +21,9 @@ def plot_confusion_matrix(
     The format follows the suffix (.png, .pdf, .svg); the file is written under a temporary name and
     renamed when complete.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     path = Path(path)
     counts = np.asarray(confusion, dtype=np.float64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -44,6 +46,20 @@ def plot_confusion_matrix(
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -54,3 +70,71 @@ def plot_confusion_matrix(
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Loss (and learning rate) against step, and every evaluation metric against step, from the
+    records of a run's metrics.jsonl ({"step": int, "loss": float, "zeroshot/acc1": float, ...})."""
+    plt = _pyplot()
+    path = Path(path)
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    metric_names = sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if "/" in k and isinstance(v, float) and "recall@5" not in k
+        }
+    )
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(steps, losses, color="tab:blue")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_title("loss")
+    loss_ax.grid(alpha=0.3)
+    for name in metric_names:
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), float)]
+        marker = "o" if len(points) < 20 else None
+        metric_ax.plot(*zip(*points, strict=True), marker=marker, label=name)
+    metric_ax.set_xlabel("step")
+    metric_ax.set_ylim(0, 1)
+    metric_ax.set_title("evaluation")
+    metric_ax.grid(alpha=0.3)
+    if metric_names:
+        metric_ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_top_images(
+    queries: Sequence[str],
+    images: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """One row per text query with its best-scoring images, left to right; each image is an (H, W, 3)
+    array in [0, 1]. A green frame marks an image of the queried class, a red one any other."""
+    plt = _pyplot()
+    path = Path(path)
+    rows, columns = len(queries), max((len(row) for row in images), default=1)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns + 2, 1.25 * rows + 0.4), squeeze=False)
+    for r, (query, row_images, row_correct) in enumerate(zip(queries, images, correct, strict=True)):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row_images):
+                ax.axis("off")
+                continue
+            ax.imshow(row_images[c])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if row_correct[c] else "tab:red")
+                spine.set_linewidth(3)
+        axes[r][0].set_ylabel(query, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

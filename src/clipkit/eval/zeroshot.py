@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from clipkit.errors import ClipkitError
 from clipkit.eval.classifier import autocast, build_zeroshot_classifier, eval_mode
 from clipkit.eval.datasets import CLASSIFICATION, RETRIEVAL, EvalDataset
-from clipkit.eval.loader import EvalBatch, EvalLoader, SkippedImage
+from clipkit.eval.loader import EvalBatch, EvalLoader, SkippedImage, SkippedShard
 from clipkit.eval.metrics import classification_counts, classification_metrics_from_counts, retrieval_metrics
 
 # CLIP_benchmark (after OpenAI's notebook) scales cosine similarities by 100 for classification logits.
@@ -33,6 +33,7 @@ class ZeroshotResult:
     num_images: int  # images evaluated
     num_texts: int = 0  # captions evaluated (retrieval)
     skipped: list[SkippedImage] = field(default_factory=list)
+    bad_shards: list[SkippedShard] = field(default_factory=list)  # read in part or not at all
 
 
 class RetrievalFeatures(NamedTuple):
@@ -158,6 +159,7 @@ def evaluate_zeroshot(
         metrics=classification_metrics_from_counts(counts),
         num_images=num_images,
         skipped=loader.skipped,
+        bad_shards=loader.bad_shards,
     )
 
 
@@ -200,6 +202,7 @@ def evaluate_retrieval(
         num_images=len(features.image_ids),
         num_texts=len(features.text_image_ids),
         skipped=loader.skipped,
+        bad_shards=loader.bad_shards,
     )
 
 

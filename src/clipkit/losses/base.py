@@ -13,16 +13,22 @@ class ContrastiveLoss(torch.nn.Module):
 
     `init_logit_scale`, `init_logit_bias` and `max_logit_scale` are for the training loop: they are
     the model's starting log-scale and bias and the log-scale's clamp (the `conf/loss/*.yaml` keys).
-    The loss itself takes the exponentiated scale and the bias as forward arguments.
+    The loss itself takes the exponentiated scale and the bias as forward arguments, so, as open_clip's
+    losses, it needs no arguments: unset, the start values are the loss family's published ones
+    (`DEFAULT_INIT_LOGIT_SCALE`, `DEFAULT_INIT_LOGIT_BIAS`) and the scale is not clamped.
 
     `rank` / `world_size` / `group` place this process among the data-parallel processes; unset, they
     are read from torch.distributed at each call (0 and 1 when it is not initialised).
     """
 
+    # The start the loss family was published with; subclasses set their own.
+    DEFAULT_INIT_LOGIT_SCALE: float = 0.0
+    DEFAULT_INIT_LOGIT_BIAS: float | None = None
+
     def __init__(
         self,
         *,
-        init_logit_scale: float,
+        init_logit_scale: float | None = None,
         init_logit_bias: float | None = None,
         max_logit_scale: float | None = None,
         rank: int | None = None,
@@ -31,6 +37,9 @@ class ContrastiveLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if init_logit_scale is None:
+            init_logit_scale = self.DEFAULT_INIT_LOGIT_SCALE
+            init_logit_bias = self.DEFAULT_INIT_LOGIT_BIAS if init_logit_bias is None else init_logit_bias
         if max_logit_scale is not None and init_logit_scale > max_logit_scale:
             raise ClipkitError(
                 f"{name}: init_logit_scale={init_logit_scale} exceeds max_logit_scale={max_logit_scale} "

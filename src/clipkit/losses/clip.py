@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,9 @@ class ClipLoss(ContrastiveLoss):
     This is open_clip's ClipLoss(local_loss=True, gather_with_grad=True): there, local_loss without
     gather_with_grad drops the other ranks' terms from the feature gradients and is not exact.
     """
+
+    DEFAULT_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's temperature 0.07
+    DEFAULT_INIT_LOGIT_BIAS = None
 
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         dtype = logit_scale.dtype  # the math dtype: float32, or float64 for float64 features

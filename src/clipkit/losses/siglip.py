@@ -10,6 +10,8 @@ chunked implementation does; so forward and backward hold one chunk's logits at 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -208,6 +210,9 @@ class SigLipLoss(ContrastiveLoss):
     logits are recomputed in backward rather than kept. Every rank must call forward and backward
     (the backward pass communicates too).
     """
+
+    DEFAULT_INIT_LOGIT_SCALE = math.log(10)  # the SigLIP paper's start: scale 10, bias -10
+    DEFAULT_INIT_LOGIT_BIAS = -10.0
 
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         ring = Ring(rank=rank, world_size=world_size, group=self.group)

@@ -1,27 +1,37 @@
 """Text-to-image retrieval: embed a collection, keep a FAISS index and an SQLite metadata table on disk.
 
 `clipkit.retrieval` imports neither FastAPI nor Accelerate nor Hydra; `clipkit.serve` puts an HTTP API
-over it.
+over it. Names are imported on first use (PEP 562), so `clipkit.retrieval.sources` (listing a
+collection) loads neither torch nor FAISS.
 """
 
-from clipkit.retrieval.builder import IndexReport, add_to_index, build_index, load_encoder, open_index
-from clipkit.retrieval.encoder import Encoder, model_fingerprint
-from clipkit.retrieval.sources import ImageItem, list_image_items, read_item_bytes
-from clipkit.retrieval.store import INDEX_KINDS, ImageRecord, RetrievalIndex, read_manifest
+from __future__ import annotations
 
-__all__ = [
-    "INDEX_KINDS",
-    "Encoder",
-    "ImageItem",
-    "ImageRecord",
-    "IndexReport",
-    "RetrievalIndex",
-    "add_to_index",
-    "build_index",
-    "list_image_items",
-    "load_encoder",
-    "model_fingerprint",
-    "open_index",
-    "read_item_bytes",
-    "read_manifest",
-]
+import importlib
+from typing import Any
+
+# name -> the module that defines it.
+_LAZY = {
+    "IndexReport": "clipkit.retrieval.builder",
+    "add_to_index": "clipkit.retrieval.builder",
+    "build_index": "clipkit.retrieval.builder",
+    "load_encoder": "clipkit.retrieval.builder",
+    "open_index": "clipkit.retrieval.builder",
+    "Encoder": "clipkit.retrieval.encoder",
+    "model_fingerprint": "clipkit.retrieval.encoder",
+    "ImageItem": "clipkit.retrieval.sources",
+    "list_image_items": "clipkit.retrieval.sources",
+    "read_item_bytes": "clipkit.retrieval.sources",
+    "INDEX_KINDS": "clipkit.retrieval.store",
+    "ImageRecord": "clipkit.retrieval.store",
+    "RetrievalIndex": "clipkit.retrieval.store",
+    "read_manifest": "clipkit.retrieval.store",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'clipkit.retrieval' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

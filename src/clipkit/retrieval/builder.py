@@ -12,8 +12,8 @@ import faiss
 import numpy as np
 
 from clipkit.errors import ClipkitError
-from clipkit.models import ModelBundle, build_model
-from clipkit.models.factory import LOCAL_DIR_PREFIX
+from clipkit.models import ModelBundle, build_model, warn_if_random_weights
+from clipkit.models.sources import LOCAL_DIR_PREFIX
 from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
 from clipkit.retrieval.sources import ImageItem, list_image_items
@@ -52,10 +52,11 @@ def load_encoder(
     bundle = (
         model if isinstance(model, ModelBundle) else build_model(model, pretrained=pretrained, device=device)
     )
+    warn_if_random_weights(bundle)
     identity = {
         # Where `clipkit serve` finds the model again when no --model is given (None: a bundle in memory).
         "source": None if isinstance(model, ModelBundle) else _absolute_if_path(str(model)),
-        "pretrained": None if pretrained is None else str(Path(pretrained).resolve()),
+        "pretrained": None if pretrained is None else _absolute_if_path(str(pretrained)),
         "name": bundle.name,
         "fingerprint": model_fingerprint(bundle),
         "embed_dim": int(bundle.model_cfg["embed_dim"]),

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipkit.data.images import decode_image
 from clipkit.errors import ClipkitError
-from clipkit.eval.loader import decode_image
 from clipkit.retrieval.encoder import Encoder
 from clipkit.retrieval.sources import ImageItem, read_item_bytes
 

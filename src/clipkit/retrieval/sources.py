@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipkit.data.images import IMAGE_EXTENSIONS, is_image_file  # the one decoder's formats
 from clipkit.data.inputs import TABLE_SUFFIXES, table_rows  # the table reader `clipkit shards` uses
 from clipkit.errors import ClipkitError
-from clipkit.eval.datasets import IMAGE_EXTENSIONS, is_image_file
 
 SOURCE_KINDS = (
     "a folder of images (searched recursively; IMAGE.txt beside an image is its caption)",

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from clipkit.configs import config_dir
 from clipkit.errors import ClipkitError
+from clipkit.train.argv import quote_shard_specs
 
 
 def _configure_logging() -> None:
@@ -24,8 +25,14 @@ def _configure_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
 
 
+def main() -> None:
+    """`python -m clipkit.train`, `accelerate launch -m clipkit.train` and `clipkit train` all start here."""
+    sys.argv = [sys.argv[0], *quote_shard_specs(sys.argv[1:])]
+    _hydra_main()
+
+
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     _configure_logging()
     from clipkit.train.loop import run
 

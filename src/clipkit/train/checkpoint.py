@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     open_clip_config: dict[str, Any],
     keep: int,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes."""
+    """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes.
+    `write_extra(directory)` runs on every process before the checkpoint is marked complete (e.g. the EMA)."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     staging = root / f".tmp-step_{step:08d}"
@@ -70,6 +73,8 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if write_extra is not None:
+        write_extra(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(staging / OPEN_CLIP_CONFIG_NAME, open_clip_config)

@@ -37,6 +37,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: freeze the image tower
+    lock_image_unlocked_groups: int = 0  # with lock_image: this many top layer groups stay trainable
+    lock_text: bool = False  # freeze the text tower
+    lock_text_unlocked_groups: int = (
+        0  # with lock_text: top groups left trainable (projection, last block + ln_final, ...)
+    )
+    ema_decay: float | None = None  # keep an EMA of the weights; it is evaluated and exported as the model
+    wise_ft_alpha: float | None = None  # also export (1 - alpha) * start + alpha * final weights (WiSE-FT)
+    eval_at_start: bool = False  # evaluate before the first step (the baseline for forgetting)
     keep_freed_memory: bool = True  # reuse freed host memory across steps (clipkit.train.allocator)
 
     def __post_init__(self):
@@ -47,6 +55,17 @@ class TrainConfig:
                 raise ClipkitError(f"train.{key}={getattr(self, key)} must be at least 1")
         if self.keep_checkpoints < 1:
             raise ClipkitError(f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ClipkitError(
+                f"train.ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999 (null: no EMA)"
+            )
+        if self.wise_ft_alpha is not None and not 0.0 <= self.wise_ft_alpha <= 1.0:
+            raise ClipkitError(
+                f"train.wise_ft_alpha={self.wise_ft_alpha} must be in [0, 1] (null: no WiSE-FT)"
+            )
+        for key in ("lock_image_unlocked_groups", "lock_text_unlocked_groups"):
+            if getattr(self, key) < 0:
+                raise ClipkitError(f"train.{key}={getattr(self, key)} must be 0 or more")
 
 
 @dataclass(kw_only=True)
@@ -59,11 +78,27 @@ class OptimConfig:
     schedule: str = "cosine"
     grad_clip_norm: float | None = None
     fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA); falls back to the loop where unsupported
+    # Per tower (None: the base value above) and layer-wise lr decay (None: off); see train/param_groups.py.
+    image_lr: float | None = None
+    text_lr: float | None = None
+    image_weight_decay: float | None = None
+    text_weight_decay: float | None = None
+    layer_decay: float | None = None  # both towers: the last block gets lr, each block below lr x decay
+    image_layer_decay: float | None = None
+    text_layer_decay: float | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ClipkitError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
         self.betas = tuple(self.betas)
+        for key in ("lr", "image_lr", "text_lr", "weight_decay", "image_weight_decay", "text_weight_decay"):
+            value = getattr(self, key)
+            if value is not None and value < 0:  # 0 is allowed: a zero-lr run is a common sanity check
+                raise ClipkitError(f"optim.{key}={value} must be 0 or more")
+        for key in ("layer_decay", "image_layer_decay", "text_layer_decay"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ClipkitError(f"optim.{key}={value} must be in (0, 1], e.g. 0.75 (null: off)")
 
 
 @dataclass(kw_only=True)

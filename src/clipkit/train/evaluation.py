@@ -68,6 +68,7 @@ def _zeroshot(model, bundle, dataset, data, accelerator, precision) -> dict[str,
         f"zeroshot/{key}": result[key] for key in ("acc1", "acc5", "mean_per_class_recall") if key in result
     }
     metrics["zeroshot/skipped_images"] = _total(accelerator, len(loader.skipped))
+    metrics["zeroshot/bad_shards"] = _total(accelerator, len(loader.bad_shards))
     return metrics
 
 
@@ -83,6 +84,7 @@ def _retrieval(model, bundle, dataset, data, accelerator, precision) -> dict[str
     result = retrieval_metrics(image_features, text_features, text_image_ids, image_ids=image_ids)
     metrics = {f"retrieval/{key}": value for key, value in result.items()}
     metrics["retrieval/skipped_images"] = _total(accelerator, len(loader.skipped))
+    metrics["retrieval/bad_shards"] = _total(accelerator, len(loader.bad_shards))
     return metrics
 
 

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from tqdm.auto import tqdm
 
 from clipkit.data import DataConfig, TrainStream, prepare_data
@@ -23,13 +24,17 @@ from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
+from clipkit.train.ema import WeightEMA
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.report import write_run_report
 from clipkit.train.step import contrastive_backward
+from clipkit.train.wise_ft import START_MODEL_DIR, WISE_FT_MODEL_DIR, export_start_model, wise_ft_state_dict
 
 log = logging.getLogger("clipkit.train")
 
+RAW_MODEL_DIR = "model-raw"  # with train.ema_decay: the optimizer's final weights beside the EMA in model/
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -76,6 +81,7 @@ class Trainer:
     """Holds the prepared objects of one run; `fit` runs it to `train.steps` or to a stop signal."""
 
     def __init__(self, cfg: DictConfig):
+        self.started = time.perf_counter()  # the summary's time includes data generation and setup
         self.train_cfg = config_from_dict(TrainConfig, _plain(cfg.train), group="train")
         self.optim_cfg = config_from_dict(OptimConfig, _plain(cfg.optim), group="optim")
         logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
@@ -100,16 +106,19 @@ class Trainer:
         self.loss_fn = instantiate(
             cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes
         )
+        # Data first: generated demo datasets are built (by the main process; the others reuse them) and
+        # every shard spec is checked before a large model is built.
+        with accelerator.main_process_first():
+            self.data_cfg = prepare_data(data_cfg)
         self.bundle = build_model(
             model_cfg,
             init_logit_scale=self.loss_fn.init_logit_scale,
             init_logit_bias=self.loss_fn.init_logit_bias,
+            aug_cfg=self.data_cfg.augmentation,
         )
+        if self.train_cfg.wise_ft_alpha is not None and accelerator.is_main_process:
+            export_start_model(self.bundle, self.output_dir)  # kept from the first start of the run
         model = _configure_model(self.bundle.model, self.train_cfg)
-        with (
-            accelerator.main_process_first()
-        ):  # the main process generates demo datasets; the others reuse them
-            self.data_cfg = prepare_data(data_cfg)
         self.stream = TrainStream(
             self.data_cfg,
             transform=self.bundle.train_transform,
@@ -122,11 +131,15 @@ class Trainer:
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.unwrapped = accelerator.unwrap_model(self.model)
+        ema_decay = self.train_cfg.ema_decay
+        self.ema = WeightEMA(self.unwrapped, ema_decay) if ema_decay is not None else None
 
         self.state = RunState()
         checkpoint = resolve_resume(self.train_cfg.resume, self.output_dir)
         if checkpoint is not None:
             saved = load_checkpoint(accelerator, checkpoint)
+            if self.ema is not None:
+                self.ema.load(checkpoint, accelerator.process_index)
             self.state = RunState(**saved["run"])
             self.stream.load_state_dict(saved["data"][accelerator.process_index])
             log.info("resumed from %s at step %d", checkpoint, self.state.step)
@@ -139,6 +152,8 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        if self.train_cfg.eval_at_start and self.state.step == 0:
+            self.evaluate()  # step 0: the baseline that fine-tuning's gains and forgetting are measured against
         with StopSignal() as stop:
             stopped_by = self._loop(stop)
         checkpoint = self.checkpoint()
@@ -151,13 +166,53 @@ class Trainer:
                 self.output_dir,
             )
             return {"stopped_at_step": self.state.step}
-        metrics = self.evaluate()
+        if self.ema is None:
+            metrics = self.evaluate()
+        else:  # the optimizer's own weights as "raw/..." and model-raw/, then the EMA becomes the model
+            metrics = {f"raw/{k}": v for k, v in self.evaluate(prefix="raw/").items()}
+            self._export(self.output_dir / RAW_MODEL_DIR)
+            self.ema.copy_to(self.unwrapped)
+            metrics.update(self.evaluate())
+        exported = self._export(self.output_dir / "model")
+        if self.train_cfg.wise_ft_alpha is not None:
+            metrics.update(self._wise_ft())
         if self.accelerator.is_main_process:
-            exported = export_model(
-                self._bundle_with_trained_model(), self.output_dir / "model", overwrite=True
-            )
             _print_summary(metrics, exported)
+            print(
+                write_run_report(
+                    output_dir=self.output_dir,
+                    exported=exported,
+                    bundle=self._bundle_with_trained_model(),
+                    data=self.data_cfg,
+                    metrics=metrics,
+                    steps=self.state.step,
+                    samples=self.state.step * self.samples_per_step,
+                    elapsed_s=time.perf_counter() - self.started,
+                    device=self.accelerator.device,
+                ),
+                flush=True,
+            )
         self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _export(self, out_dir: Path) -> Path:
+        if self.accelerator.is_main_process:
+            export_model(self._bundle_with_trained_model(), out_dir, overwrite=True)
+        self.accelerator.wait_for_everyone()
+        return out_dir
+
+    def _wise_ft(self) -> dict[str, Any]:
+        """Evaluate and export (1 - alpha) * start + alpha * final weights beside the model."""
+        merged = wise_ft_state_dict(self.output_dir, self.train_cfg.wise_ft_alpha)
+        set_model_state_dict(
+            self.unwrapped, merged, options=StateDictOptions(full_state_dict=True, strict=True)
+        )
+        metrics = {f"wise_ft/{k}": v for k, v in self.evaluate(prefix="wise_ft/").items()}
+        exported = self._export(self.output_dir / WISE_FT_MODEL_DIR)
+        if self.accelerator.is_main_process:
+            print(
+                f"WiSE-FT alpha {self.train_cfg.wise_ft_alpha:g}: {exported} (start weights: {self.output_dir / START_MODEL_DIR})"
+            )
         return metrics
 
     def _loop(self, stop: StopSignal) -> int | None:
@@ -215,6 +270,8 @@ class Trainer:
         if finite or fp16:
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.unwrapped)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.unwrapped.logit_scale.clamp_(0, self.loss_fn.max_logit_scale or math.inf)
@@ -277,14 +334,19 @@ class Trainer:
             trainer_state={"run": asdict(self.state), "data": gather_object([self.stream.state_dict()])},
             open_clip_config=open_clip_config,
             keep=self.train_cfg.keep_checkpoints,
+            write_extra=None if self.ema is None else self._save_ema,
         )
 
-    def evaluate(self) -> dict[str, Any]:
+    def _save_ema(self, directory: Path) -> None:
+        self.ema.save(directory, self.accelerator.process_index)
+
+    def evaluate(self, prefix: str = "") -> dict[str, Any]:
+        """Evaluate the model as it is now; metrics are logged with `prefix` and returned without it."""
         metrics = evaluate(
             self.unwrapped, self.bundle, self.data_cfg, self.accelerator, precision=self.train_cfg.precision
         )
         if self.logger is not None and metrics:
-            self.logger.log(self.state.step, metrics)
+            self.logger.log(self.state.step, {f"{prefix}{k}": v for k, v in metrics.items()})
         return metrics
 
     def close(self) -> None:
@@ -313,8 +375,11 @@ def _plain(node) -> dict[str, Any]:
 
 
 def _configure_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    # open_clip's own locks: LiT for the image tower (top groups stay trainable), blocks of the text tower.
     if config.lock_image:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups, freeze_bn_stats=False)
+    if config.lock_text:
+        model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_groups)  # open_clip counts groups
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if config.compile:
@@ -327,6 +392,7 @@ def _json_ready(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_summary(metrics: dict[str, Any], exported: Path) -> None:
+    """Every final metric as `key: value`, one per line (what scripts parse), then the model's path."""
     for key in sorted(metrics):
         value = metrics[key]
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -8,30 +8,15 @@ import math
 import torch
 
 from clipkit.train.config import OptimConfig
+from clipkit.train.param_groups import TowerOptim, build_param_groups, is_decayed
+
+__all__ = ["build_optimizer", "build_scheduler", "is_decayed", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
-# Parameters that are not decayed besides biases and norms (which have ndim < 2).
-_NO_DECAY_SUFFIXES = ("positional_embedding", "pos_embed", "class_embedding", "cls_token")
-
-
-def is_decayed(name: str, param: torch.Tensor) -> bool:
-    """Weight decay applies to matrices (linear, conv, token embedding), not to biases, norms,
-    position embeddings or the logit scale / bias."""
-    if param.ndim < 2 or name.startswith("logit_"):
-        return False
-    return not name.endswith(_NO_DECAY_SUFFIXES)
-
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if is_decayed(name, param) else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = build_param_groups(model, **tower_settings(config))
     kwargs = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
     if config.fused:
         try:
@@ -41,6 +26,28 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
         except RuntimeError as err:  # parameters on a device or of a dtype the kernel does not cover
             log.info("fused AdamW unavailable (%s); using the per-parameter loop", err)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def tower_settings(config: OptimConfig) -> dict[str, TowerOptim]:
+    """The base, image and text settings of `config`: a tower's own value, else the base one."""
+
+    def pick(own, fallback):
+        return fallback if own is None else own
+
+    base = TowerOptim(lr=config.lr, weight_decay=config.weight_decay)
+    return {
+        "base": base,
+        "image": TowerOptim(
+            lr=pick(config.image_lr, config.lr),
+            weight_decay=pick(config.image_weight_decay, config.weight_decay),
+            layer_decay=pick(config.image_layer_decay, config.layer_decay),
+        ),
+        "text": TowerOptim(
+            lr=pick(config.text_lr, config.lr),
+            weight_decay=pick(config.text_weight_decay, config.weight_decay),
+            layer_decay=pick(config.text_layer_decay, config.layer_decay),
+        ),
+    }
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
