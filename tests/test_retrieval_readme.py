@@ -91,6 +91,8 @@ def test_readme_commands_run(workdir):
         server.wait(timeout=30)
     assert server.returncode == 0
     text_hits, image_hits = (json.loads(output)["results"] for output in outputs[:2])
+    assert json.loads(outputs[3]) == {"status": "ready"}
+    assert json.loads(outputs[4]) == {"reloaded": False, "generation": 2, "images": 10}  # nothing newer
     assert len(text_hits) == 3 and image_hits[0]["uri"] == "photo0.jpg" and image_hits[0]["score"] > 0.999
     assert Image.open(io.BytesIO((workdir / "thumbnail.jpg").read_bytes())).size[0] <= 128
 

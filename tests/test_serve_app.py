@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
@@ -17,8 +18,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from clipkit.retrieval import build_index, open_index
-from clipkit.serve import MicroBatcher, ServeConfig, create_app
+from clipkit.retrieval import Encoder, add_to_index, build_index, open_index
+from clipkit.serve import BatchFailed, MicroBatcher, ServeConfig, create_app
+from clipkit.serve.thumbnails import ByteBoundedCache, render_thumbnail
 from test_eval_datasets import encode, export_small_model, make_images, write_tar
 
 MAX_UPLOAD = 100_000
@@ -98,13 +100,15 @@ def test_images_are_served_with_their_type_and_thumbnails(served):
     shard = client.get("/v1/images/18")
     assert shard.headers["content-type"] == "image/jpeg"
     assert shard.content == encode(served["images"][18], "jpg")
-    for image_id, size in ((3, 20), (18, 16), (18, 400)):
+    for image_id, size in ((3, 64), (18, 128), (18, 512)):
         thumbnail = client.get(f"/v1/images/{image_id}", params={"size": size})
         assert thumbnail.status_code == 200
         picture = Image.open(io.BytesIO(thumbnail.content))
         assert thumbnail.headers["content-type"] == f"image/{picture.format.lower()}"
-        expected_width = min(40, size)  # the originals are 40 x 36: shrunk to fit, never enlarged
-        assert picture.size == (expected_width, round(36 * expected_width / 40))
+        assert picture.size == (40, 36)  # the originals are 40 x 36: never enlarged
+    other_size = client.get("/v1/images/3", params={"size": 100})
+    assert other_size.status_code == 422
+    assert other_size.json()["detail"] == "size=100 is not a thumbnail size; use one of 64, 128, 256, 512"
 
 
 def test_embeddings_are_normalised_and_equal_open_clips(served):
@@ -197,6 +201,7 @@ def bad_requests(*, max_upload: int, too_many_pixels: bytes) -> dict:
         "traversal": (lambda c: c.get("/v1/images/../../etc/passwd"), 404),
         "thumbnail size zero": (lambda c: c.get("/v1/images/1", params={"size": 0}), 422),
         "thumbnail size huge": (lambda c: c.get("/v1/images/1", params={"size": 5000}), 422),
+        "thumbnail size not offered": (lambda c: c.get("/v1/images/1", params={"size": 127}), 422),
         "no texts": (lambda c: c.post("/v1/embed/text", json={"texts": []}), 422),
         "too many texts": (lambda c: c.post("/v1/embed/text", json={"texts": ["a"] * 65}), 422),
         "empty text": (lambda c: c.post("/v1/embed/text", json={"texts": ["a", ""]}), 422),
@@ -219,7 +224,10 @@ def test_bad_input_gets_its_status_and_the_server_carries_on(served, case):
         "status": "ok",
         "images": 24,
         "model": served["index"].model["fingerprint"],
+        "generation": 2,  # a build and an add
+        "problems": [],
     }
+    assert client.get("/readyz").status_code == 200
     assert client.get("/v1/images/24").status_code == 404
     search = client.post("/v1/search", json={"query": "caption 2", "k": 3})
     assert search.status_code == 200 and len(search.json()["results"]) == 3
@@ -229,7 +237,7 @@ def test_an_api_key_guards_every_v1_route(collection):
     index, encoder = open_index(collection["root"] / "index")
     app = create_app(index, encoder, ServeConfig(api_key="s3cret-key"))
     v1_routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/v1")]
-    assert len(v1_routes) == 5
+    assert len(v1_routes) == 6
     with TestClient(app) as client:
         for path, method in v1_routes:
             url = path.replace("{image_id}", "1")
@@ -254,9 +262,10 @@ def test_an_api_key_guards_every_v1_route(collection):
         assert client.get("/v1/images/1", headers=good).status_code == 200
         for path in (
             "/healthz",
+            "/readyz",
             "/metrics",
             "/",
-        ):  # liveness, scraping and the page (it asks for the key) stay open
+        ):  # probes, scraping and the page (it asks for the key) stay open
             assert client.get(path).status_code == 200
     index.close()
 
@@ -370,7 +379,15 @@ def test_micro_batcher_hands_a_failure_to_that_batch_only():
         return batch
 
     results = run_batcher([1, -1, 2, 3], fail_on_negative, max_batch=2, max_wait_s=0.05)
-    assert [type(r) for r in results[:2]] == [ValueError, ValueError] and results[2:] == [2, 3]
+    assert [type(r) for r in results[:2]] == [BatchFailed, BatchFailed] and results[2:] == [2, 3]
+    assert all(isinstance(r.__cause__, ValueError) for r in results[:2])
+    assert "negative" not in str(results[0])  # the client is not shown the server's internals
+
+
+def test_micro_batcher_survives_a_wrong_result_count():
+    results = run_batcher([1, 2, 3], lambda batch: batch[:1] if 2 in batch else batch, max_batch=2,
+                          max_wait_s=0.05)  # fmt: skip
+    assert [type(r) for r in results[:2]] == [BatchFailed, BatchFailed] and results[2] == 3
 
 
 def test_metadata_reaches_results_as_json_safe_values(served):
@@ -385,3 +402,268 @@ def test_embedding_more_texts_than_a_batch_holds(served):
     with TestClient(create_app(index, encoder, ServeConfig(max_batch=4))) as client:
         body = client.post("/v1/embed/text", json={"texts": texts}).json()
     np.testing.assert_allclose(np.array(body["embeddings"]), encoder.encode_texts(texts), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Holding under failure and overload
+
+
+class BreaksOnWord(Encoder):
+    """The index's encoder, except that a batch holding the word BREAK raises (an exception in the model)."""
+
+    def encode_texts(self, texts):
+        if any("BREAK" in text for text in texts):
+            raise RuntimeError("the model failed on this batch")
+        return super().encode_texts(texts)
+
+
+async def in_process(app, scenario):
+    """Run `scenario(client)` against `app` with its lifespan (batchers running), over ASGI."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await scenario(client)
+
+
+def test_a_failing_batch_answers_500_and_the_next_request_is_served(served):
+    index, encoder = served["index"], served["encoder"]
+    app = create_app(index, BreaksOnWord(encoder.bundle), ServeConfig(reload_interval_s=0))
+
+    async def scenario(client):
+        failed = await client.post("/v1/search", json={"query": "BREAK it"})
+        after = await client.post("/v1/search", json={"query": "caption 3", "k": 4})
+        return failed, after, await client.get("/readyz"), await client.get("/healthz")
+
+    failed, after, ready, health = asyncio.run(in_process(app, scenario))
+    assert failed.status_code == 500
+    assert failed.json()["detail"] == "the search batch this request was in failed; the server log says why"
+    assert after.status_code == 200
+    _, ids = index.search(encoder.encode_texts(["caption 3"]), 4)
+    assert [r["id"] for r in after.json()["results"]] == ids[0].tolist()
+    assert ready.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_a_killed_batcher_fails_readyz_at_once_and_its_requests_get_503(served):
+    app = create_app(served["index"], served["encoder"], ServeConfig(reload_interval_s=0))
+    release = threading.Event()
+
+    async def scenario(client):
+        # A request inside a batch (the model thread is busy) when the batcher task is killed.
+        app.state.model_thread.submit(release.wait)
+        waiting = asyncio.create_task(client.post("/v1/search", json={"query": "caption 1"}))
+        while not app.state.batchers["search"]._in_flight:
+            await asyncio.sleep(0.01)
+        task = app.state.batchers["search"]._task
+        task.cancel()  # what a crash of the batcher's loop looks like from outside
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            # Bounded waits: a hang fails the test instead of stalling it.
+            answers = [await asyncio.wait_for(request, 1.0) for request in (
+                waiting, client.get("/readyz"), client.get("/healthz"),
+                client.post("/v1/search", json={"query": "caption 2"}))]  # fmt: skip
+        finally:
+            release.set()
+        answers.append(await client.post("/v1/embed/text", json={"texts": ["another batcher"]}))
+        return answers
+
+    waiting, ready, health, later, embed = asyncio.run(in_process(app, scenario))
+    assert waiting.status_code == 503 and later.status_code == 503
+    assert later.headers["retry-after"] == "1" and "/readyz" in later.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["detail"] == "the search batcher is not running (stopped)"
+    assert health.status_code == 200  # the process answers: liveness holds, and says what is wrong
+    assert health.json()["status"] == "failing"
+    assert health.json()["problems"] == ["the search batcher is not running (stopped)"]
+    assert embed.status_code == 200  # the other batchers carry on
+
+
+def test_a_saturated_server_answers_503_at_once_and_recovers(served):
+    index, encoder = served["index"], served["encoder"]
+    app = create_app(index, encoder, ServeConfig(max_batch=2, batch_wait_ms=0, max_queue=4, reload_interval_s=0))
+    release = threading.Event()
+
+    async def scenario(client):
+        app.state.model_thread.submit(release.wait)  # the model is busy: nothing leaves the queue
+        requests = [
+            asyncio.create_task(client.post("/v1/search", json={"query": f"caption {i}", "k": 3}))
+            for i in range(20)
+        ]
+        try:
+            for _ in range(1000):  # the refusals come while the model is still busy
+                if sum(r.done() for r in requests) >= 14:
+                    break
+                await asyncio.sleep(0.01)
+            refused_while_busy = [r.result().status_code for r in requests if r.done()]
+        finally:
+            release.set()
+        responses = await asyncio.gather(*requests)
+        return refused_while_busy, responses, await client.post("/v1/search", json={"query": "caption 9"})
+
+    refused_while_busy, responses, later = asyncio.run(in_process(app, scenario))
+    # 2 in the batch waiting for the model and 4 queued are answered; the rest are refused at once.
+    assert len(refused_while_busy) >= 14 and set(refused_while_busy) == {503}
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503} and 4 <= statuses.count(200) <= 6
+    for query, response in zip(range(20), responses, strict=True):
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "4 search requests are already waiting" in response.json()["detail"]
+        else:
+            _, ids = index.search(encoder.encode_texts([f"caption {query}"]), 3)
+            assert [r["id"] for r in response.json()["results"]] == ids[0].tolist()
+    assert later.status_code == 200  # recovered
+
+
+def test_every_request_has_a_deadline(served):
+    app = create_app(served["index"], served["encoder"], ServeConfig(request_timeout_s=0.3, reload_interval_s=0))
+    release = threading.Event()
+
+    async def scenario(client):
+        app.state.model_thread.submit(release.wait)
+        try:
+            late = await asyncio.wait_for(client.post("/v1/search", json={"query": "caption 1"}), 10)
+            image = png_bytes(served["images"][2])
+            late_image = await asyncio.wait_for(
+                client.post("/v1/search/image", files={"image": ("a.png", image)}), 10
+            )
+        finally:
+            release.set()
+        return late, late_image, await client.post("/v1/search", json={"query": "caption 1"})
+
+    late, late_image, after = asyncio.run(in_process(app, scenario))
+    for response in (late, late_image):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert "deadline (0.3 s)" in response.json()["detail"]
+    assert after.status_code == 200
+
+
+def test_image_queries_are_batched_and_answered_like_single_ones(served):
+    index, encoder = served["index"], served["encoder"]
+    app = create_app(index, encoder, ServeConfig(max_image_batch=8, batch_wait_ms=50, reload_interval_s=0))
+    ids = list(range(0, 24, 2))
+
+    async def scenario(client):
+        uploads = [png_bytes(served["images"][i]) for i in ids]
+        searches = await asyncio.gather(
+            *(client.post("/v1/search/image", files={"image": ("q.png", data)}, data={"k": "3"}) for data in uploads)
+        )
+        embeds = await asyncio.gather(
+            *(client.post("/v1/embed/image", files={"image": ("q.png", data)}) for data in uploads[:4])
+        )
+        return searches, embeds, (await client.get("/metrics")).text
+
+    searches, embeds, metrics = asyncio.run(in_process(app, scenario))
+    for image_id, response in zip(ids, searches, strict=True):
+        assert response.status_code == 200, response.text
+        expected = encoder.encode_images([served["images"][image_id].convert("RGB")])
+        scores, found = index.search(expected, 3)
+        assert [r["id"] for r in response.json()["results"]] == found[0].tolist()
+        np.testing.assert_allclose([r["score"] for r in response.json()["results"]], scores[0], atol=1e-5)
+    for image_id, response in zip(ids[:4], embeds, strict=True):
+        expected = encoder.encode_images([served["images"][image_id].convert("RGB")])
+        np.testing.assert_allclose(response.json()["embeddings"], expected, atol=1e-5)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics) for s in f.samples}  # fmt: skip
+    assert samples[("clipkit_batch_size_sum", (("batcher", "image"),))] == 16
+    assert samples[("clipkit_batch_size_count", (("batcher", "image"),))] < 16  # some were encoded together
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+def test_thumbnails_of_a_large_photo_are_upright_and_close_to_a_full_decode():
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    out = io.BytesIO()
+    photo.save(out, format="JPEG", exif=exif, quality=95)
+    data, media_type = render_thumbnail(out.getvalue(), "image/jpeg", 128)
+    small = Image.open(io.BytesIO(data))
+    assert media_type == "image/jpeg" and small.format == "JPEG" and small.size == (96, 128)
+    upright = photo.transpose(Image.Transpose.ROTATE_270)  # what a viewer shows, 1200 x 1600
+    reference = upright.resize((96, 128), Image.Resampling.LANCZOS)
+    difference = np.abs(np.asarray(small, np.float32) - np.asarray(reference, np.float32)).mean()
+    assert difference < 6  # of 255: the reduced-scale decode looks like the full one
+
+
+def test_the_thumbnail_cache_is_bounded_in_bytes_and_keeps_the_recently_used():
+    cache = ByteBoundedCache(1000)
+    for i in range(5):
+        cache.put(i, (bytes(300), "image/jpeg"))
+        assert cache.nbytes <= 1000
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(2) is not None
+    cache.put(5, (bytes(300), "image/jpeg"))  # 2 was used just now: 3 goes
+    assert cache.get(3) is None and cache.get(2) is not None and cache.nbytes == 900
+    cache.put(6, (bytes(1001), "image/png"))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get(6) is None and len(cache) == 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# New generations without a restart
+
+
+def test_an_index_add_is_served_without_restart_while_queries_run(collection, tmp_path):
+    root, images = collection["root"], collection["images"]
+    build_index(root / "images" / "folder", tmp_path / "index", model=collection["model_dir"])  # 16 images
+    index, encoder = open_index(tmp_path / "index")
+    app = create_app(index, encoder, ServeConfig(reload_interval_s=0.05))
+
+    async def scenario(client):
+        answers, adding = [], asyncio.Event()
+
+        async def query_until_added(worker: int) -> None:
+            for i in range(10_000):  # bounded: stops once the add is served, or after this many rounds
+                if adding.is_set() and answers and answers[-1][2] == 24:
+                    return
+                search = await client.post("/v1/search", json={"query": f"caption {i % 16}", "k": 24})
+                thumbnail = await client.get(f"/v1/images/{(i + worker) % 16}", params={"size": 64})
+                results = search.json().get("results", []) if search.status_code == 200 else []
+                answers.append((search.status_code, thumbnail.status_code, len(results)))
+
+        queries = [asyncio.create_task(query_until_added(worker)) for worker in range(4)]
+        await asyncio.sleep(0.2)
+        adding.set()
+        await asyncio.to_thread(add_to_index, tmp_path / "index", root / "images" / "shards")  # 8 more
+        await asyncio.wait_for(asyncio.gather(*queries), 120)
+        image_20 = png_bytes(images[20])
+        return (
+            answers, (await client.get("/healthz")).json(),
+            await client.post("/v1/search/image", files={"image": ("q.png", image_20)}, data={"k": "1"}),
+            await client.get("/v1/images/20"), await client.post("/v1/index/reload"),
+        )  # fmt: skip
+
+    answers, health, found, original, reload = asyncio.run(in_process(app, scenario))
+    assert {(search, thumbnail) for search, thumbnail, _ in answers} == {(200, 200)}  # none failed
+    assert {count for _, _, count in answers} == {16, 24}  # both generations answered, in that order
+    assert [count for _, _, count in answers] == sorted(count for _, _, count in answers)
+    assert health["images"] == 24 and health["generation"] == 2 and health["problems"] == []
+    assert found.json()["results"][0]["id"] == 20 and original.content == encode(images[20], "jpg")
+    assert reload.json() == {"reloaded": False, "generation": 2, "images": 24}  # nothing newer
+    app.state.served.close()
+
+
+def test_a_reload_to_another_models_index_is_refused_and_the_current_one_stays(collection, tmp_path):
+    root = collection["root"]
+    build_index(root / "images" / "folder", tmp_path / "index", model=collection["model_dir"])
+    index, encoder = open_index(tmp_path / "index")
+    app = create_app(index, encoder, ServeConfig(reload_interval_s=0, api_key="k"))
+    other_model = export_small_model(tmp_path / "other-model", seed=99)
+    build_index(root / "images" / "shards", tmp_path / "index", model=other_model, overwrite=True)
+    key = {"Authorization": "Bearer k"}
+
+    async def scenario(client):
+        return (
+            await client.post("/v1/index/reload"), await client.post("/v1/index/reload", headers=key),
+            (await client.get("/healthz")).json(),
+            await client.post("/v1/search", json={"query": "caption 1", "k": 24}, headers=key),
+        )  # fmt: skip
+
+    anonymous, refused, health, search = asyncio.run(in_process(app, scenario))
+    assert anonymous.status_code == 401  # the reload call is behind the API key
+    assert refused.status_code == 409 and "now names an index of another model" in refused.json()["detail"]
+    assert health["status"] == "failing" and health["generation"] == 1 and health["images"] == 16
+    assert health["problems"] == [f"the last reload failed: {refused.json()['detail']}"]
+    assert search.status_code == 200 and len(search.json()["results"]) == 16
+    app.state.served.close()

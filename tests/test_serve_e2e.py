@@ -256,6 +256,24 @@ def headless_chromium(profile: Path):
             process.wait()
 
 
+def api_ids(server, query: str, k: int) -> list[int]:
+    response = server["client"].post("/v1/search", json={"query": query, "k": k})
+    return [result["id"] for result in response.json()["results"]]
+
+
+def compact(ids: list[int]) -> str:
+    return json.dumps(ids, separators=(",", ":"))  # as JSON.stringify writes it
+
+
+# The ids shown, once EXPECTED results are shown with their thumbnails loaded (falsy until then).
+SHOWN_RESULTS = (
+    "(() => { const figures = [...document.querySelectorAll('#results figure')];"
+    " const imgs = figures.map(f => f.querySelector('img'));"
+    " return figures.length === EXPECTED && imgs.every(i => i.complete && i.naturalWidth > 0)"
+    " && figures.map(f => Number(f.dataset.id)); })()"
+)
+
+
 def test_the_search_page_shows_thumbnails_in_headless_chromium(server, labels, tmp_path):
     with headless_chromium(tmp_path / "chromium-profile") as page:
         page.call("Log.enable")
@@ -288,6 +306,32 @@ def test_the_search_page_shows_thumbnails_in_headless_chromium(server, labels, t
         assert [score for _, score in shown] == sorted((score for _, score in shown), reverse=True)
         assert sum(labels[image_id] == 3 for image_id, _ in shown[:10]) >= 6
         assert "24 results" in page.evaluate("document.getElementById('status').textContent")
+        # The search is in the URL, so it can be shared, bookmarked and reloaded.
+        assert page.evaluate("location.search") == "?q=a+photo+of+the+number+three&k=24"
+
+        # A shared link (the key is remembered for this tab) opens with its search done.
+        page.call("Page.navigate", url=server["base_url"] + "/?q=a+photo+of+the+number+seven&k=10")
+        sevens = page.wait_for(SHOWN_RESULTS.replace("EXPECTED", "10"))
+        assert sevens == api_ids(server, "a photo of the number seven", 10)
+        assert page.evaluate("document.getElementById('query').value") == "a photo of the number seven"
+        assert page.evaluate("document.getElementById('k').value") == "10"
+        page.evaluate("window.beforeReload = true")
+        page.call("Page.reload")
+        showing_sevens = f"JSON.stringify({SHOWN_RESULTS.replace('EXPECTED', '10')}) === '{compact(sevens)}'"
+        page.wait_for("!window.beforeReload && " + showing_sevens)  # the reloaded page searched again
+        # A new search from the form is a new history entry; Back shows the previous search again.
+        page.evaluate("document.getElementById('query').select()")
+        page.type_text("the number one")
+        page.press_enter()
+        page.wait_for("location.search === '?q=the+number+one&k=10'")
+        ones = api_ids(server, "the number one", 10)
+        page.wait_for(f"JSON.stringify({SHOWN_RESULTS.replace('EXPECTED', '10')}) === '{compact(ones)}'")
+        page.evaluate("history.back()")
+        page.wait_for("location.search === '?q=a+photo+of+the+number+seven&k=10'")
+        page.wait_for(showing_sevens)
+        assert page.evaluate("document.getElementById('query').value") == "a photo of the number seven"
+        page.call("Page.navigate", url=server["base_url"] + "/?q=the+number+one&k=7")  # k not in the list
+        assert len(page.wait_for(SHOWN_RESULTS.replace("EXPECTED", "7"))) == 7
 
         screenshot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
         errors = [

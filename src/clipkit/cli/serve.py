@@ -2,7 +2,9 @@
 
 The model is the one the index records, or --model, which must be that same model (a different one is
 refused). The server listens on 127.0.0.1 unless --host says otherwise; with --api-key-env VAR, every
-/v1 route needs `Authorization: Bearer <the value of $VAR>`.
+/v1 route needs `Authorization: Bearer <the value of $VAR>`. It serves new generations of the index
+(`clipkit index add`) without a restart, answers 503 with Retry-After when overloaded, and reports
+readiness at /readyz.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-wait-ms", type=float, default=2.0, help="how long a query waits to join a batch (default: 2)"
     )
     parser.add_argument(
+        "--max-queue", type=int, default=256,
+        help="requests waiting per batcher; past this the server answers 503 at once (default: 256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="a request not answered by then gets 503 (default: 30)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reload-interval", type=float, default=2.0, metavar="SECONDS",
+        help="how often index.json is checked for a new generation (default: 2; 0: only POST /v1/index/reload)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--thumbnail-cache-mb", type=float, default=64.0, help="memory for thumbnails (default: 64)"
+    )
+    parser.add_argument(
         "--max-upload-mb", type=float, default=10.0, help="largest image upload (default: 10)"
     )
     parser.add_argument(
@@ -68,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_upload_mb <= 0:
         raise ClipkitError("--max-batch must be >= 1, --batch-wait-ms >= 0 and --max-upload-mb > 0")
+    if (
+        args.max_queue < 1
+        or args.request_timeout <= 0
+        or args.reload_interval < 0
+        or args.thumbnail_cache_mb < 0
+    ):
+        raise ClipkitError(
+            "--max-queue must be >= 1, --request-timeout > 0, --reload-interval >= 0 and --thumbnail-cache-mb >= 0"
+        )
     if not 0 <= args.port <= 65535:
         raise ClipkitError(f"--port {args.port} is not a TCP port (0-65535)")
 
@@ -94,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        reload_interval_s=args.reload_interval,
+        thumbnail_cache_bytes=int(args.thumbnail_cache_mb * 2**20),
         max_upload_bytes=int(args.max_upload_mb * 2**20),
     )
     app = create_app(index, encoder, config)
@@ -110,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         server_header=False,
         timeout_graceful_shutdown=5,
+        # Longer than the idle timeout of clients and load balancers (httpx 5 s, AWS ALB 60 s), as nginx's
+        # 75 s is: a server that closes an idle connection first races a request sent on it, which then
+        # fails with a reset, however healthy the server (uvicorn's default is 5 s).
+        timeout_keep_alive=75,
     )
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
@@ -123,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on: the normal way to stop
         print("clipkit serve: stopped", flush=True)
     finally:
-        index.close()
+        app.state.served.close()  # the generation it serves now, and any it still had open
     return 0
 
 

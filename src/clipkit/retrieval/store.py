@@ -10,6 +10,11 @@ Writers never modify committed files. A build or an append writes a new generati
 names, renames the finished files into place, and then replaces `index.json` (an atomic rename), so a
 reader sees either the old index or the new one, and an interrupted writer leaves the old one intact.
 Leftovers of an interrupted writer are removed by the next writer, which holds a lock on the folder.
+
+A reader holds a shared lock (flock) on its generation's vectors file for as long as it is open, and
+writers delete an old generation only when they can lock it exclusively, so a generation's files stay
+until its last reader closes. A reader that read `index.json` just before a writer committed and removed
+that generation finds its files gone, reads `index.json` again and opens the new generation.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"
 _DATA_FILE = re.compile(r"^(vectors\.\d+\.faiss|metadata\.\d+\.sqlite)$")
+_GENERATION = re.compile(r"^[a-z]+\.(\d+)\.")  # vectors.7.faiss -> 7
+ID_CHUNK = 500  # ids bound per SQL statement: below SQLite's variable limit (999 before 3.32, 32766 since)
+OPEN_ATTEMPTS = 5  # a reader re-reads index.json this often when writers keep replacing what it names
 
 SCHEMA = """
 CREATE TABLE images (
@@ -197,13 +205,20 @@ class RetrievalIndex:
     def __init__(self, index_dir: str | Path, *, search_params: dict[str, int] | None = None):
         """`search_params` overrides the recorded search settings: `ef_search` (hnsw) or `nprobe` (ivf)."""
         self.index_dir = Path(index_dir)
-        self.manifest = read_manifest(self.index_dir)
+        self.manifest, self._hold = _open_current_generation(self.index_dir)
+        try:
+            self._open_files(search_params)
+        except BaseException:
+            if hasattr(self, "_db"):
+                self._db.close()
+            self._hold.close()
+            raise
+
+    def _open_files(self, search_params: dict[str, int] | None) -> None:
         self.kind: str = self.manifest["kind"]
         self.dim: int = int(self.manifest["dim"])
-        self.params = {
-            **self.manifest.get("params", {}),
-            **_check_search_params(self.kind, search_params or {}),
-        }
+        self.search_overrides = _check_search_params(self.kind, search_params or {})  # what the caller set
+        self.params = {**self.manifest.get("params", {}), **self.search_overrides}
         self.vectors = faiss.read_index(str(self.index_dir / self.manifest["vectors_file"]))
         apply_search_params(self.vectors, self.kind, self.params)
         # Committed data files never change, so SQLite may skip locking (immutable=1).
@@ -238,13 +253,17 @@ class RetrievalIndex:
 
     def records(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
         """The records of `ids` that exist (unknown ids are left out)."""
-        ids = [int(i) for i in ids if 0 <= int(i) < self.count]
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
+        ids = sorted({int(i) for i in ids if 0 <= int(i) < self.count})
+        found = {}
         with self._db_lock:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id IN ({marks})", ids)
-            return {row[0]: ImageRecord.from_row(row) for row in rows.fetchall()}
+            for start in range(0, len(ids), ID_CHUNK):
+                chunk = ids[start : start + ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM images WHERE id IN ({marks})", chunk
+                )
+                found.update((row[0], ImageRecord.from_row(row)) for row in rows.fetchall())
+        return found
 
     def record(self, image_id: int) -> ImageRecord | None:
         return self.records([image_id]).get(image_id)
@@ -255,8 +274,44 @@ class RetrievalIndex:
             self.vectors.make_direct_map()
         return self.vectors.reconstruct(int(image_id))
 
+    @property
+    def generation(self) -> int:
+        return int(self.manifest.get("generation", 0))
+
     def close(self) -> None:
         self._db.close()
+        self._hold.close()  # releases the shared lock: writers may now remove this generation
+
+
+def _open_current_generation(index_dir: Path):
+    """(manifest, held vectors file) of the generation `index.json` names, share-locked so no writer deletes it."""
+    for _ in range(OPEN_ATTEMPTS):
+        manifest = read_manifest(index_dir)
+        path = index_dir / manifest["vectors_file"]
+        try:
+            return manifest, _hold_file(path)
+        except FileNotFoundError:
+            if read_manifest(index_dir).get("generation") == manifest.get("generation"):
+                raise ClipkitError(
+                    f"{path} is missing, though {MANIFEST_NAME} names it; rebuild the index"
+                ) from None
+            # A writer committed a new generation and removed this one meanwhile: read index.json again.
+    raise ClipkitError(
+        f"{index_dir} changed {OPEN_ATTEMPTS} times while it was being opened; try again when its writers are done"
+    )
+
+
+def _hold_file(path: Path):
+    """`path` opened with a shared flock; FileNotFoundError when a writer removed it before the lock was taken."""
+    handle = open(path, "rb")  # noqa: SIM115 (held until the reader closes)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:  # removed, and a new file took the name
+            raise FileNotFoundError(path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,9 +348,14 @@ class IndexTransaction:
         keep = set()
         if self.previous is not None:
             keep = {self.previous["vectors_file"], self.previous["metadata_file"]}
+        old_generations: dict[str, list[Path]] = {}
         for path in self.index_dir.iterdir():
-            if path.name.startswith(TEMP_PREFIX) or (_DATA_FILE.match(path.name) and path.name not in keep):
+            if path.name.startswith(TEMP_PREFIX):
                 path.unlink(missing_ok=True)
+            elif _DATA_FILE.match(path.name) and path.name not in keep:
+                old_generations.setdefault(_GENERATION.match(path.name).group(1), []).append(path)
+        for generation, paths in old_generations.items():
+            _remove_unread_generation(self.index_dir / f"vectors.{generation}.faiss", paths)
 
     def open_staged_metadata(self, *, fresh: bool) -> sqlite3.Connection:
         """A writable copy of the committed metadata (or, `fresh`, an empty table) under a temporary name."""
@@ -365,6 +425,23 @@ def writer_files(path: Path) -> Iterator[Path]:
             yield child
         elif _DATA_FILE.match(child.name):
             yield child
+
+
+def _remove_unread_generation(vectors_path: Path, paths: list[Path]) -> None:
+    """Delete one old generation's files unless a reader holds it (its shared lock on the vectors file)."""
+    try:
+        handle = open(vectors_path, "rb")  # noqa: SIM115
+    except FileNotFoundError:  # an interrupted removal: no reader can hold a generation without its vectors
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # still read; the next writer tries again
+        for path in sorted(paths, key=lambda p: p == vectors_path):  # the vectors file, the lock holder, last
+            path.unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:

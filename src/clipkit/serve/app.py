@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,25 +17,27 @@ from importlib import resources
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipkit.retrieval import Encoder, ImageRecord, RetrievalIndex, read_item_bytes
 from clipkit.serve.batching import MicroBatcher
+from clipkit.serve.generations import ServedIndex, reload_now, watch_manifest
 from clipkit.serve.guards import ApiKeyGuard, BodySizeLimit, UploadError, decode_upload
+from clipkit.serve.limits import RequestDeadline, add_overload_handlers
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
+from clipkit.serve.thumbnails import THUMBNAIL_SIZES, ByteBoundedCache, render_thumbnail
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 MAX_EMBED_TEXTS = 64
-THUMBNAIL_SIZES = (16, 1024)  # ?size= bounds, pixels
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's INTEGER range
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
               "/page.css": ("page.css", "text/css")}  # fmt: skip
@@ -53,10 +53,15 @@ PAGE_HEADERS = {
 class ServeConfig:
     api_key: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <api_key>`
     max_batch: int = 64  # text queries encoded together at most
+    max_image_batch: int = 16  # uploaded images encoded together at most
     batch_wait_ms: float = 2.0  # how long a query waits for others to join its batch
+    max_queue: int = 256  # requests waiting per batcher; past this, 503 at once
+    request_timeout_s: float = 30.0  # a request not answered by then gets 503
+    retry_after_s: int = 1  # the Retry-After of 503 answers
+    reload_interval_s: float = 2.0  # how often index.json is checked for a new generation (0: never)
     max_upload_bytes: int = 10 * 2**20
     max_image_pixels: int = 40_000_000  # uploads with more pixels are refused (413) before decoding
-    thumbnail_cache: int = 2048  # thumbnails kept in memory
+    thumbnail_cache_bytes: int = 64 * 2**20  # thumbnails kept in memory, in bytes
 
 
 class SearchRequest(BaseModel):
@@ -98,23 +103,37 @@ class EmbedResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "failing" with the reasons in `problems`')
     images: int
     model: str
+    generation: int = Field(description="the index generation being served (index.json's)")
+    problems: list[str]
+
+
+class Reloaded(BaseModel):
+    reloaded: bool = Field(description="whether a new generation replaced the one being served")
+    generation: int
+    images: int
 
 
 def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app for `index`, whose queries `encoder` embeds (it must be the index's model)."""
+    """The FastAPI app for `index`, whose queries `encoder` embeds (it must be the index's model).
+
+    The app serves newer generations of the index as they are committed; `app.state.served.close()`
+    closes whichever generations it has open (the caller owns `index` until then)."""
     config = config or ServeConfig()
     metrics = ServerMetrics()
-    metrics.index_images.set(index.count)
+    served = ServedIndex(index)
+    note_generation(metrics, index)
     # One thread runs the model, one batch at a time: torch already spreads one forward pass over the cores.
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipkit-model")
-    fingerprint = index.model["fingerprint"]
+    fingerprint = served.fingerprint
+    thumbnails = ByteBoundedCache(config.thumbnail_cache_bytes)
 
     def search_texts(requests: list[tuple[str, int]]) -> list[list[SearchResult]]:
         vectors = encoder.encode_texts([query for query, _ in requests])  # (B, D)
-        return _search_vectors(index, vectors, [k for _, k in requests])
+        with served.reading() as current:
+            return _search_vectors(current, vectors, [k for _, k in requests])
 
     def embed_texts(requests: list[list[str]]) -> list[np.ndarray]:
         texts = [text for request in requests for text in request]
@@ -126,25 +145,57 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         bounds = np.cumsum([0, *map(len, requests)])
         return [vectors[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
+    def encode_images(
+        requests: list[tuple[torch.Tensor, int | None]],
+    ) -> list[tuple[np.ndarray, list | None]]:
+        """Uploads already transformed for the model; k None: the embedding only, else also the search."""
+        vectors = encoder.encode_pixels(torch.stack([pixels for pixels, _ in requests]))  # (B, D)
+        searched = [i for i, (_, k) in enumerate(requests) if k is not None]
+        found: dict[int, list[SearchResult]] = {}
+        if searched:
+            with served.reading() as current:
+                answers = _search_vectors(current, vectors[searched], [requests[i][1] for i in searched])
+            found = dict(zip(searched, answers, strict=True))
+        return [(vectors[i : i + 1], found.get(i)) for i in range(len(requests))]
+
     batch_wait_s = config.batch_wait_ms / 1000
-    search_batcher = MicroBatcher(
-        search_texts, executor=model_thread, max_batch=config.max_batch, max_wait_s=batch_wait_s,
-        on_batch=metrics.batch_size.labels("search").observe,
-    )  # fmt: skip
-    embed_batcher = MicroBatcher(
-        embed_texts, executor=model_thread, max_batch=config.max_batch, max_wait_s=batch_wait_s,
-        on_batch=metrics.batch_size.labels("embed_text").observe,
-    )  # fmt: skip
+    batchers = {
+        name: MicroBatcher(
+            compute,
+            executor=model_thread,
+            max_batch=max_batch,
+            max_wait_s=batch_wait_s,
+            max_queue=config.max_queue,
+            on_batch=metrics.batch_size.labels(name).observe,
+            name=name,
+        )
+        for name, compute, max_batch in (
+            ("search", search_texts, config.max_batch),
+            ("embed_text", embed_texts, config.max_batch),
+            ("image", encode_images, config.max_image_batch),
+        )
+    }
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        search_batcher.start()
-        embed_batcher.start()
+        for batcher in batchers.values():
+            batcher.start()
+        watcher = None
+        if config.reload_interval_s > 0:
+            watcher = asyncio.create_task(
+                watch_manifest(
+                    served, config.reload_interval_s, lambda fresh: note_generation(metrics, fresh)
+                )
+            )
         try:
             yield
         finally:
-            await search_batcher.stop()
-            await embed_batcher.stop()
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            for batcher in batchers.values():
+                await batcher.stop()
             model_thread.shutdown(wait=True)
 
     app = FastAPI(
@@ -154,15 +205,17 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         version="1",
         lifespan=lifespan,
     )
+    app.state.served = served
+    app.state.batchers = batchers
+    app.state.model_thread = model_thread
 
-    async def encode_upload(image: UploadFile) -> np.ndarray:
+    async def encode_upload(image: UploadFile, k: int | None) -> tuple[np.ndarray, list | None]:
         data = await image.read()
         try:
-            picture = await run_in_threadpool(decode_upload, data, max_pixels=config.max_image_pixels)
+            pixels = await run_in_threadpool(_upload_pixels, encoder, data, config.max_image_pixels)
         except UploadError as e:
             raise HTTPException(e.status, str(e)) from None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(model_thread, encoder.encode_images, [picture])  # (1, D)
+        return await batchers["image"].submit((pixels, k))  # ((1, D), results or None)
 
     @app.post(
         "/v1/search",
@@ -171,7 +224,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     )
     async def search(request: SearchRequest) -> SearchResponse:
         start = time.perf_counter()
-        results = await search_batcher.submit((request.query, request.k))
+        results = await batchers["search"].submit((request.query, request.k))
         return SearchResponse(results=results, took_ms=_ms_since(start))
 
     @app.post(
@@ -184,39 +237,37 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
     ) -> SearchResponse:
         start = time.perf_counter()
-        vector = await encode_upload(image)
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(model_thread, _search_vectors, index, vector, [k])
-        return SearchResponse(results=results[0], took_ms=_ms_since(start))
+        _, results = await encode_upload(image, k)
+        return SearchResponse(results=results, took_ms=_ms_since(start))
 
     @app.get(
         "/v1/images/{image_id}",
-        summary="An indexed image's bytes, or a thumbnail with ?size=N",
+        summary=f"An indexed image's bytes, or a thumbnail with ?size= one of {', '.join(map(str, THUMBNAIL_SIZES))}",
         responses={200: {"content": {"image/*": {}}}, 404: {"description": "no image with this id"}},
     )
     async def get_image(
         image_id: Annotated[int, Path(ge=0, le=MAX_IMAGE_ID)],
-        size: Annotated[int | None, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = None,
+        size: Annotated[int | None, Query(description=f"one of {THUMBNAIL_SIZES}")] = None,
     ) -> Response:
-        if size is None:
-            data, media_type = await run_in_threadpool(_original, index, image_id)
-        else:
-            data, media_type = await run_in_threadpool(thumbnail, image_id, size)
+        if size is not None and size not in THUMBNAIL_SIZES:
+            raise HTTPException(
+                422, f"size={size} is not a thumbnail size; use one of {', '.join(map(str, THUMBNAIL_SIZES))}"
+            )
+        data, media_type = await run_in_threadpool(image_bytes, image_id, size)
         return Response(data, media_type=media_type, headers={"X-Content-Type-Options": "nosniff",
                                                               "Cache-Control": "private, max-age=300"})  # fmt: skip
 
-    @functools.lru_cache(maxsize=config.thumbnail_cache)
-    def thumbnail(image_id: int, size: int) -> tuple[bytes, str]:
-        data, media_type = _original(index, image_id)
-        with Image.open(io.BytesIO(data)) as image:
-            small = ImageOps.exif_transpose(image)
-            small.thumbnail((size, size))
-            out = io.BytesIO()
-            if small.mode in ("RGBA", "LA", "P") or media_type == "image/png":
-                small.save(out, format="PNG")
-                return out.getvalue(), "image/png"
-            small.convert("RGB").save(out, format="JPEG", quality=85)
-            return out.getvalue(), "image/jpeg"
+    def image_bytes(image_id: int, size: int | None) -> tuple[bytes, str]:
+        with served.reading() as current:
+            if size is None:
+                return _original(current, image_id)
+            # Ids keep their image across appends; a rebuild is a new model-checked generation, hence the key.
+            key = (current.generation, image_id, size)
+            cached = thumbnails.get(key)
+            if cached is None:
+                cached = render_thumbnail(*_original(current, image_id), size)
+                thumbnails.put(key, cached)
+            return cached
 
     @app.post(
         "/v1/embed/text",
@@ -224,7 +275,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         summary="Normalised text embeddings",
     )
     async def embed_text(request: EmbedTextRequest) -> EmbedResponse:
-        vectors = await embed_batcher.submit(request.texts)
+        vectors = await batchers["embed_text"].submit(request.texts)
         return EmbedResponse(embeddings=vectors.tolist(), dim=index.dim, model=fingerprint)
 
     @app.post(
@@ -233,12 +284,48 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
         summary="Normalised embedding of an uploaded image",
     )
     async def embed_image(image: Annotated[UploadFile, File(description="an image file")]) -> EmbedResponse:
-        vector = await encode_upload(image)
+        vector, _ = await encode_upload(image, None)
         return EmbedResponse(embeddings=vector.tolist(), dim=index.dim, model=fingerprint)
 
-    @app.get("/healthz", response_model=Health, summary="Liveness: answers while the server runs")
+    @app.post(
+        "/v1/index/reload",
+        response_model=Reloaded,
+        summary="Serve the generation index.json names now (the server also notices by itself)",
+        responses={409: {"description": "the index now holds another model's embeddings, or cannot be read"}},
+    )
+    async def reload_index() -> Reloaded:
+        try:
+            switched = await reload_now(served, lambda fresh: note_generation(metrics, fresh))
+        except Exception as e:  # noqa: BLE001 (reported; the current generation stays)
+            raise HTTPException(409, served.reload_error or str(e)) from None
+        return Reloaded(reloaded=switched, generation=served.current.generation, images=served.current.count)
+
+    def problems() -> list[str]:
+        found = [
+            f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive
+        ]
+        if served.reload_error:
+            found.append(f"the last reload failed: {served.reload_error}")
+        return found
+
+    @app.get("/healthz", response_model=Health, summary="Liveness, and what is wrong if anything is")
     async def healthz() -> Health:
-        return Health(status="ok", images=index.count, model=fingerprint)
+        current, found = served.current, problems()
+        return Health(status="failing" if found else "ok", images=current.count, model=fingerprint,
+                      generation=current.generation, problems=found)  # fmt: skip
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: 200 while searches can be answered, else 503",
+        responses={503: {"description": "a batcher is not running"}},
+    )
+    async def readyz() -> JSONResponse:
+        stopped = [
+            f"the {name} batcher is not running ({b.failure})" for name, b in batchers.items() if not b.alive
+        ]
+        if stopped:
+            return JSONResponse({"detail": "; ".join(stopped)}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
@@ -259,13 +346,28 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
             )
         return await http_exception_handler(request, exc)
 
+    add_overload_handlers(app, retry_after_s=config.retry_after_s)
     known_paths = {route.path for route in app.routes}
-    # The last added runs first: metrics see every answer; the key is checked before any body is read.
+    # The last added runs first: metrics see every answer; the deadline covers reading the body too;
+    # the key is checked before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
     if config.api_key:
         app.add_middleware(ApiKeyGuard, api_key=config.api_key, prefix="/v1/")
+    app.add_middleware(
+        RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app
+
+
+def note_generation(metrics: ServerMetrics, index: RetrievalIndex) -> None:
+    metrics.index_images.set(index.count)
+    metrics.index_generation.set(index.generation)
+
+
+def _upload_pixels(encoder: Encoder, data: bytes, max_pixels: int) -> torch.Tensor:
+    """An upload decoded and transformed for the model (3, H, W): what waits in the queue is small."""
+    return encoder.bundle.eval_transform(decode_upload(data, max_pixels=max_pixels))
 
 
 def _search_vectors(index: RetrievalIndex, vectors: np.ndarray, ks: list[int]) -> list[list[SearchResult]]:

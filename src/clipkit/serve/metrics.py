@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, errors and latency per route, index size, micro-batch sizes."""
+"""Prometheus metrics: requests, errors and latency per route, index size and generation, micro-batch sizes."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ class ServerMetrics:
         )  # fmt: skip
         self.index_images = Gauge(
             "clipkit_index_images", "Images in the served index", registry=self.registry
+        )
+        self.index_generation = Gauge(
+            "clipkit_index_generation",
+            "Generation of the served index (index.json's)",
+            registry=self.registry,
         )
         self.batch_size = Histogram(
             "clipkit_batch_size", "Requests computed together in one micro-batch", ["batcher"],

@@ -1,5 +1,6 @@
 // The search page: POST /v1/search (or /v1/search/image), then one thumbnail per result.
 // Thumbnails are fetched with fetch() rather than <img src>, so they carry the API key when one is set.
+// A text search lives in the page's URL (?q=...&k=...), so it can be shared, bookmarked and reloaded.
 "use strict";
 
 const THUMBNAIL_SIZE = 256;
@@ -78,15 +79,44 @@ function k() {
   return parseInt(document.getElementById("k").value, 10);
 }
 
-document.getElementById("search-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const query = document.getElementById("query").value;
+function searchText(query, count) {
   run(() => fetch("/v1/search", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify({ query: query, k: k() }),
+    body: JSON.stringify({ query: query, k: count }),
   }));
+}
+
+function setK(count) {
+  const select = document.getElementById("k");
+  if (![...select.options].some((option) => option.value === String(count))) {
+    select.append(new Option(String(count)));  // a k from a shared link that the list does not offer
+  }
+  select.value = String(count);
+}
+
+// The search the URL names, if any: fills the form and runs it (on load, and on back / forward).
+function searchFromUrl() {
+  const params = new URLSearchParams(location.search);
+  const query = params.get("q") || "";
+  if (!query.trim()) return;
+  const count = parseInt(params.get("k"), 10);
+  if (count >= 1 && count <= 1000) setK(count);
+  document.getElementById("query").value = query;
+  searchText(query, k());
+}
+
+document.getElementById("search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = document.getElementById("query").value;
+  const url = "?" + new URLSearchParams({ q: query, k: String(k()) }).toString();
+  if (url === location.search) history.replaceState(null, "", url);
+  else history.pushState(null, "", url);
+  searchText(query, k());
 });
+
+window.addEventListener("popstate", searchFromUrl);
+searchFromUrl();
 
 document.getElementById("image-query").addEventListener("change", (event) => {
   const file = event.target.files[0];
