@@ -4,7 +4,14 @@
 over it.
 """
 
-from clipkit.retrieval.builder import IndexReport, add_to_index, build_index, load_encoder, open_index
+from clipkit.retrieval.builder import (
+    IndexReport,
+    add_to_index,
+    build_index,
+    build_index_from_embeddings,
+    load_encoder,
+    open_index,
+)
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
 from clipkit.retrieval.sources import ImageItem, list_image_items, read_item_bytes
 from clipkit.retrieval.store import INDEX_KINDS, ImageRecord, RetrievalIndex, read_manifest
@@ -18,6 +25,7 @@ __all__ = [
     "RetrievalIndex",
     "add_to_index",
     "build_index",
+    "build_index_from_embeddings",
     "list_image_items",
     "load_encoder",
     "model_fingerprint",
