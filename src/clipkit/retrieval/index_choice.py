@@ -152,12 +152,13 @@ def tune_search(
                    "ivfpq": (NPROBE_STEPS, "nprobe")}.get(kind, ((None,), None))  # fmt: skip
     if name == "nprobe":
         steps = [s for s in steps if s < faiss.extract_index_ivf(index).nlist] + [faiss.extract_index_ivf(index).nlist]
-    recall, value = 0.0, None
+    recall, value, tried = 0.0, None, []
     for value in steps:
         params = {} if name is None else {name: int(value)}
         apply_search_params(index, kind, params)
         _, found = index.search(query_vectors, k + 1)
         recall = _recall(found, exact, chosen, k)
+        tried.append([value, round(float(recall), 4)])
         if recall >= target_recall:
             break
     params = {} if name is None else {name: int(value)}
@@ -171,6 +172,7 @@ def tune_search(
         "target_recall": target_recall,
         f"recall_at_{k}": round(float(recall), 4),
         "reached": bool(recall >= target_recall),
+        "tried": tried if name is not None else [],  # [setting, recall] in the order tried
         "queries": len(chosen),
         "query_kind": "indexed vectors, each held out from its own answers",
         "latency_ms": {"p50": round(p50, 3), "p99": round(p99, 3), "queries": min(200, len(chosen))},
