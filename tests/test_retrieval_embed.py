@@ -122,6 +122,7 @@ def test_two_processes_embed_what_one_process_embeds_each_image_once(model_dir, 
         "model"]["fingerprint"]  # fmt: skip
 
 
+@pytest.mark.slow  # ~35 s: two runs of a 90-image job
 def test_a_killed_job_restarted_embeds_each_image_once(model_dir, tmp_path):
     source = write_images(tmp_path / "images", 90, seed=2, bad=False)
     out = tmp_path / "emb"
@@ -243,7 +244,7 @@ def clustered_vectors(count: int, dim: int, *, seed: int) -> np.ndarray:
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", pytest.param("ivfpq", marks=pytest.mark.slow)])  # ivfpq: ~50 s
 def test_tuning_picks_the_smallest_setting_that_reaches_the_target_recall(kind):
     from clipkit.retrieval.index_choice import params_for
 
