@@ -23,7 +23,6 @@ from clipkit.retrieval import (
     RetrievalIndex,
     add_to_index,
     build_index,
-    build_index_from_embeddings,
     list_image_items,
     open_index,
     read_manifest,
@@ -32,7 +31,6 @@ from clipkit.retrieval.index_choice import (
     EF_SEARCH_STEPS,
     NPROBE_STEPS,
     choose_index,
-    estimate_bytes,
     parse_memory,
     tune_search,
 )
@@ -63,7 +61,7 @@ def read_embeddings(out: Path) -> tuple[np.ndarray, list[dict]]:
     """Every part in file-name order, as clip-retrieval's and autofaiss's readers take them."""
     npys = sorted((out / "img_emb").glob("img_emb_*.npy"))
     parquets = sorted((out / "metadata").glob("metadata_*.parquet"))
-    assert [p.stem[len("img_emb_"):] for p in npys] == [p.stem[len("metadata_"):] for p in parquets]
+    assert [p.stem[len("img_emb_") :] for p in npys] == [p.stem[len("metadata_") :] for p in parquets]
     vectors = np.concatenate([np.load(p) for p in npys])
     rows = [row for p in parquets for row in pq.read_table(p).to_pylist()]
     assert len(vectors) == len(rows)
@@ -169,14 +167,18 @@ def test_an_index_from_embeddings_serves_like_one_built_from_images(model_dir, t
     assert (rows[0]["key"], rows[0]["shard"]) == ("k00", "a.tar")
     assert rows[0]["image_path"] == str((source / "a.tar").resolve()) and rows[0]["offset"] > 0
 
-    built = run_clipkit("index", "build", "--from-embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "from_emb"))
+    built = run_clipkit(
+        "index", "build", "--from-embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "from_emb")
+    )
     assert built.returncode == 0, built.stderr
     build_index(source, tmp_path / "from_images", model=model_dir)
     a, b = RetrievalIndex(tmp_path / "from_emb"), RetrievalIndex(tmp_path / "from_images")
     try:
         assert a.count == b.count == 20
         assert a.model == b.model
-        assert a.records(range(20)) == b.records(range(20))  # uri, path, offset, sha256, caption, metadata ...
+        assert a.records(range(20)) == b.records(
+            range(20)
+        )  # uri, path, offset, sha256, caption, metadata ...
     finally:
         a.close(), b.close()
 
@@ -190,7 +192,9 @@ def test_an_index_from_embeddings_serves_like_one_built_from_images(model_dir, t
             responses.append((found, image.content, image.headers["content-type"]))
         index.close()
     (found_a, bytes_a, type_a), (found_b, bytes_b, type_b) = responses
-    assert [[(r["id"], r["uri"]) for r in q] for q in found_a] == [[(r["id"], r["uri"]) for r in q] for q in found_b]
+    assert [[(r["id"], r["uri"]) for r in q] for q in found_a] == [
+        [(r["id"], r["uri"]) for r in q] for q in found_b
+    ]
     for qa, qb in zip(found_a, found_b, strict=True):
         np.testing.assert_allclose([r["score"] for r in qa], [r["score"] for r in qb], atol=1e-5)
     assert bytes_a == bytes_b == samples[7]["jpg"] and type_a == type_b == "image/jpeg"
@@ -201,7 +205,12 @@ def test_an_unfinished_or_foreign_embeddings_folder_is_refused(model_dir, tmp_pa
 
     source = write_images(tmp_path / "images", 5, seed=4, bad=False)
     out = tmp_path / "emb"
-    assert main(["embed", "--model", str(model_dir), "--images", str(source), "--out", str(out), "--workers", "0"]) == 0
+    assert (
+        main(
+            ["embed", "--model", str(model_dir), "--images", str(source), "--out", str(out), "--workers", "0"]
+        )
+        == 0
+    )
     job = json.loads((out / "embeddings.json").read_text())
     (out / "embeddings.json").write_text(json.dumps({**job, "complete": False}))
     capsys.readouterr()
@@ -228,7 +237,9 @@ def test_index_choice_follows_size_and_memory():
     tight = choose_index(500_000, dim, max_memory=parse_memory("270MB"))
     assert tight.kind == "ivf" and tight.params["nlist"] == 2048 and not tight.params.get("mmap")
     compressed = choose_index(2_000_000, dim, max_memory=parse_memory("200MB"))
-    assert compressed.kind == "ivfpq" and compressed.params["pq"] == 64  # 72 bytes a vector: 144 MB + centroids
+    assert (
+        compressed.kind == "ivfpq" and compressed.params["pq"] == 64
+    )  # 72 bytes a vector: 144 MB + centroids
     on_disk = choose_index(2_000_000, dim, max_memory=parse_memory("10MB"))
     assert on_disk.kind == "ivf" and on_disk.params["mmap"]
     for choice, budget in ((roomy, "8GiB"), (tight, "270MB"), (compressed, "200MB"), (on_disk, "10MB")):
@@ -244,7 +255,9 @@ def clustered_vectors(count: int, dim: int, *, seed: int) -> np.ndarray:
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", pytest.param("ivfpq", marks=pytest.mark.slow)])  # ivfpq: ~50 s
+@pytest.mark.parametrize(
+    "kind", ["hnsw", "ivf", pytest.param("ivfpq", marks=pytest.mark.slow)]
+)  # ivfpq: ~50 s
 def test_tuning_picks_the_smallest_setting_that_reaches_the_target_recall(kind):
     from clipkit.retrieval.index_choice import params_for
 

@@ -15,25 +15,44 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture")
-    parser.add_argument("--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL")
     parser.add_argument(
-        "--images", required=True, metavar="SOURCE", help="image folder, shards, or a table (CSV, JSONL, Parquet)"
+        "--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture"
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the embeddings (resumes a job there)")
     parser.add_argument(
-        "--part-size", type=int, default=10_000, help="images per img_emb / metadata file pair (default: 10000)"
+        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the embeddings (resumes a job there)"
+    )
+    parser.add_argument(
+        "--part-size",
+        type=int,
+        default=10_000,
+        help="images per img_emb / metadata file pair (default: 10000)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes per process (0: none)"
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes per process (0: none)",
     )
     parser.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
     parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
     )
-    parser.add_argument("--image-column", default="image", help="table column with image paths (default: image)")
-    parser.add_argument("--caption-column", default="caption", help="table column with captions (default: caption)")
+    parser.add_argument(
+        "--image-column", default="image", help="table column with image paths (default: image)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="table column with captions (default: caption)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     # torchrun on a GPU-less machine reports one process.
     state = PartialState(cpu=not torch.cuda.is_available())
     device = args.device or str(state.device)
-    encoder, identity = load_encoder(args.model, pretrained=args.pretrained, device=device, precision=args.precision)
+    encoder, identity = load_encoder(
+        args.model, pretrained=args.pretrained, device=device, precision=args.precision
+    )
     report = embed_collection(
         args.images,
         args.out,

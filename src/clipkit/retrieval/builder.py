@@ -18,7 +18,13 @@ from clipkit.models import ModelBundle, build_model
 from clipkit.models.factory import LOCAL_DIR_PREFIX
 from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
-from clipkit.retrieval.index_choice import DEFAULT_MAX_MEMORY, choose_index, params_for, parse_memory, tune_search
+from clipkit.retrieval.index_choice import (
+    DEFAULT_MAX_MEMORY,
+    choose_index,
+    params_for,
+    parse_memory,
+    tune_search,
+)
 from clipkit.retrieval.parts import read_job, row_uri
 from clipkit.retrieval.sources import ImageItem, list_image_items
 from clipkit.retrieval.store import (
@@ -249,7 +255,9 @@ def build_index_from_embeddings(
                 "model": identity,
                 "created_at": now,
                 "updated_at": now,
-                "sources": [{**_source_entry(source, report, now), "embeddings": str(Path(embeddings_dir).resolve())}],
+                "sources": [
+                    {**_source_entry(source, report, now), "embeddings": str(Path(embeddings_dir).resolve())}
+                ],
             }
         )
     report.count = report.added
@@ -257,7 +265,12 @@ def build_index_from_embeddings(
 
 
 def write_vector_index(
-    transaction: IndexTransaction, vectors: np.ndarray, *, kind: str, max_memory: str | int, target_recall: float
+    transaction: IndexTransaction,
+    vectors: np.ndarray,
+    *,
+    kind: str,
+    max_memory: str | int,
+    target_recall: float,
 ) -> dict[str, Any]:
     """Choose, build, tune and stage the FAISS index of `vectors` (N, D); the manifest entries that describe it:
     kind, params (build settings and the tuned efSearch / nprobe) and tuning (measured recall and latency)."""
@@ -291,7 +304,10 @@ def _outgrown_clusters(manifest: dict[str, Any], new_count: int) -> bool:
 
 
 def _retrain(
-    transaction: IndexTransaction, vector_index: faiss.Index, new_vectors: np.ndarray, manifest: dict[str, Any]
+    transaction: IndexTransaction,
+    vector_index: faiss.Index,
+    new_vectors: np.ndarray,
+    manifest: dict[str, Any],
 ) -> dict[str, Any]:
     """Rebuild an outgrown IVF index with clusters for its new size, from its stored vectors and `new_vectors`."""
     if manifest["kind"] == "ivfpq":

@@ -27,8 +27,8 @@ from clipkit.retrieval.parts import (
     FORMAT_VERSION,
     JOB_NAME,
     finished_parts,
-    read_job,
     part_summary,
+    read_job,
     remove_staged_part,
     write_job,
     write_part,
@@ -85,6 +85,7 @@ def embed_collection(
         "complete": False,
     }
     _check_resumable(out_dir, job)
+    barrier()  # every process has checked the folder before the first one writes to it
     if rank == 0 and not (out_dir / JOB_NAME).is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_job(out_dir, job)
@@ -108,7 +109,12 @@ def embed_collection(
     if rank == 0:
         write_job(
             out_dir,
-            {**job, "complete": True, "embedded": report.images, "skipped": [list(s) for s in report.skipped]},
+            {
+                **job,
+                "complete": True,
+                "embedded": report.images,
+                "skipped": [list(s) for s in report.skipped],
+            },
         )
     barrier()  # the job file says complete before any process returns
     return report
@@ -159,7 +165,9 @@ def _check_resumable(out_dir: Path, job: dict[str, Any]) -> None:
         raise ClipkitError(f"--out {out_dir} is a file; give a folder for the embeddings")
     if not (out_dir / JOB_NAME).is_file():
         if any(out_dir.iterdir()):
-            raise ClipkitError(f"--out {out_dir} is not empty and holds no embeddings job; choose a new folder")
+            raise ClipkitError(
+                f"--out {out_dir} is not empty and holds no embeddings job; choose a new folder"
+            )
         return
     previous = read_job(out_dir).manifest
     if previous["model"]["fingerprint"] != job["model"]["fingerprint"]:

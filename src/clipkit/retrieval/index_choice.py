@@ -97,7 +97,11 @@ def choose_index(count: int, dim: int, *, max_memory: int) -> IndexChoice:
         return IndexChoice("hnsw", params, estimate_bytes("hnsw", count, dim, params))
     links = int((max_memory / (4 * count) - dim) // 2)  # HNSW: 4 (D + 2 M) bytes per vector
     if links >= 8:
-        params = {"m": min(links, 32), "ef_construction": 64, "ef_search": 64}
+        params = {
+            "m": min(links, 32),
+            "ef_construction": 40,
+            "ef_search": 64,
+        }  # autofaiss: FAISS's default 40
         return IndexChoice("hnsw", params, estimate_bytes("hnsw", count, dim, params))
     nlist = ivf_clusters(count)
     ivf = {"nlist": nlist, "nprobe": min(nlist, 16), "trained_on": count}
@@ -164,7 +168,9 @@ def tune_search(
     steps, name = {"hnsw": (EF_SEARCH_STEPS, "ef_search"), "ivf": (NPROBE_STEPS, "nprobe"),
                    "ivfpq": (NPROBE_STEPS, "nprobe")}.get(kind, ((None,), None))  # fmt: skip
     if name == "nprobe":
-        steps = [s for s in steps if s < faiss.extract_index_ivf(index).nlist] + [faiss.extract_index_ivf(index).nlist]
+        steps = [s for s in steps if s < faiss.extract_index_ivf(index).nlist] + [
+            faiss.extract_index_ivf(index).nlist
+        ]
     recall, value, tried = 0.0, None, []
     for value in steps:
         params = {} if name is None else {name: int(value)}
@@ -185,8 +191,10 @@ def tune_search(
     record = {
         "target_recall": target_recall,
         f"recall_at_{k}": round(float(recall), 4),  # the lower of the two query sets
-        f"recall_at_{k}_by_queries": {"indexed, held out": round(float(recalls[0]), 4),
-                                      "70 degrees off the collection": round(float(recalls[1]), 4)},  # fmt: skip
+        f"recall_at_{k}_by_queries": {
+            "indexed, held out": round(float(recalls[0]), 4),
+            "70 degrees off the collection": round(float(recalls[1]), 4),
+        },  # fmt: skip
         "reached": bool(recall >= target_recall),
         "tried": tried if name is not None else [],  # [setting, recall] in the order tried
         "queries": len(query_vectors),

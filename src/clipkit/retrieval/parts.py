@@ -151,7 +151,9 @@ def read_job(out_dir: str | Path) -> EmbeddingsJob:
     out_dir = Path(out_dir)
     path = out_dir / JOB_NAME
     if not path.is_file():
-        raise ClipkitError(f"{out_dir} holds no embeddings ({JOB_NAME} is missing); write them with `clipkit embed`")
+        raise ClipkitError(
+            f"{out_dir} holds no embeddings ({JOB_NAME} is missing); write them with `clipkit embed`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,7 +161,9 @@ def read_job(out_dir: str | Path) -> EmbeddingsJob:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ClipkitError(f"{path} is not a clipkit embeddings manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise ClipkitError(f"{path} has format version {manifest.get('version')}; this clipkit reads {FORMAT_VERSION}")
+        raise ClipkitError(
+            f"{path} has format version {manifest.get('version')}; this clipkit reads {FORMAT_VERSION}"
+        )
     return EmbeddingsJob(out_dir, manifest)
 
 
