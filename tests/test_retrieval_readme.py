@@ -104,7 +104,10 @@ def test_readme_embedding_commands_run(workdir):
     (workdir / "conf" / "accelerate").symlink_to(REPO_ROOT / "conf" / "accelerate")
     for command in (line for line in blocks("bash")[2].splitlines() if line.strip()):
         program, *args = shlex.split(command)
-        launcher = ["-m", "clipkit"] if program == "clipkit" else ["-m", "accelerate.commands.launch"]
+        if program == "accelerate":  # `accelerate launch ARGS`
+            launcher, args = ["-m", "accelerate.commands.launch"], args[1:]
+        else:
+            launcher = ["-m", "clipkit"]
         result = subprocess.run([sys.executable, *launcher, *args], cwd=workdir, env=subprocess_env(),
                                 capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, (command, result.stderr[-2000:])
