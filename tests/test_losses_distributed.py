@@ -5,7 +5,9 @@ Each case spawns W processes that each take their slice of one global batch and 
     loss.backward(); the leaves' gradients are compared with the one-process run on the whole batch;
   - plain data parallelism: small towers, loss.backward() into their parameters, gradients averaged
     over ranks (what DDP does), compared with one process on the whole batch;
-  - for SigLIP, the bytes saved for backward, which must not depend on W.
+  - for SigLIP, the bytes saved for backward, which must not depend on W;
+  - the same losses on bf16 features: they cross processes as bf16 (half the bytes of float32) and the
+    loss and gradients equal the one-process float32 math on the same bf16 values.
 """
 
 from __future__ import annotations
@@ -102,6 +104,41 @@ def saved_bytes(loss_fn, image_features, text_features) -> int:
     return sum(storages.values())
 
 
+class WireDtypes:
+    """Records the dtypes of the tensors a loss's forward sends to other processes.
+
+    Wraps (and still calls) the two torch.distributed calls clipkit.losses.distributed makes.
+    """
+
+    def __init__(self):
+        self.dtypes: set[torch.dtype] = set()
+        self.recording = False
+        gather, batch = dist.all_gather_into_tensor, dist.batch_isend_irecv
+
+        def all_gather_into_tensor(output, tensor, *args, **kwargs):
+            if self.recording:
+                self.dtypes.add(tensor.dtype)
+            return gather(output, tensor, *args, **kwargs)
+
+        def batch_isend_irecv(ops):
+            if self.recording:
+                self.dtypes.update(op.tensor.dtype for op in ops if op.op is dist.isend)
+            return batch(ops)
+
+        dist.all_gather_into_tensor, dist.batch_isend_irecv = all_gather_into_tensor, batch_isend_irecv
+
+    def of_forward(self, loss_fn, image_features, text_features) -> set[torch.dtype]:
+        image_features = image_features.detach().clone().requires_grad_()
+        text_features = text_features.detach().clone().requires_grad_()
+        self.dtypes, self.recording = set(), True
+        try:
+            loss = loss_fn(image_features, text_features, torch.tensor(LOGIT_SCALE), torch.tensor(LOGIT_BIAS))
+        finally:
+            self.recording = False
+        loss.backward()  # every rank takes part in the backward's exchange too
+        return self.dtypes
+
+
 def worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -110,6 +147,7 @@ def worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         local = {key: value[rows] for key, value in batch.items()}
         results = {}
+        wire = WireDtypes()
         for name, loss_class in LOSSES.items():
             loss_fn = loss_class(init_logit_scale=0.0)  # rank and world size from torch.distributed
             results[name] = leaf_grads(loss_fn, local["image_features"], local["text_features"])
@@ -121,6 +159,15 @@ def worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
             results[f"{name}_saved_bytes"] = saved_bytes(
                 loss_fn, local["image_features"], local["text_features"]
             )
+            image_bf16, text_bf16 = local["image_features"].bfloat16(), local["text_features"].bfloat16()
+            results[f"{name}_bf16"] = leaf_grads(loss_fn, image_bf16, text_bf16)
+            results[f"{name}_wire"] = {
+                dtype: sorted(str(d) for d in wire.of_forward(loss_fn, *features))
+                for dtype, features in [
+                    ("float32", (local["image_features"], local["text_features"])),
+                    ("bfloat16", (image_bf16, text_bf16)),
+                ]
+            }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -148,9 +195,19 @@ def close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
+_RANKS: dict[int, list[dict]] = {}
+
+
+@pytest.fixture
+def ranks(world_size, tmp_path_factory) -> list[dict]:
+    """The W processes' results; each W runs once for all the tests here."""
+    if world_size not in _RANKS:
+        _RANKS[world_size] = run_ranks(world_size, tmp_path_factory.mktemp(f"w{world_size}"))
+    return _RANKS[world_size]
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_processes_equal_one_process_on_the_concatenated_batch(world_size, tmp_path):
-    ranks = run_ranks(world_size, tmp_path)
+def test_processes_equal_one_process_on_the_concatenated_batch(world_size, ranks):
     batch = global_batch(world_size)
     for name, loss_class in LOSSES.items():
         single = loss_class(init_logit_scale=0.0)
@@ -186,3 +243,39 @@ def test_processes_equal_one_process_on_the_concatenated_batch(world_size, tmp_p
         batch["text_features"][:LOCAL_BATCH],
     )
     assert [r["siglip_saved_bytes"] for r in ranks] == [siglip_w1] * world_size
+
+
+def within_one_bf16_rounding(actual: torch.Tensor, exact: torch.Tensor) -> None:
+    """`actual` (bf16) is `exact` (float32) rounded once: off by at most 2^-8 of each entry (half an ulp
+    of bf16's 8 significant bits), plus float32 summation-order noise."""
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        actual.float(), exact, rtol=2**-8, atol=1e-6 * float(exact.abs().max()), check_dtype=False
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_bf16_features_cross_as_bf16_and_keep_float32_math(world_size, ranks):
+    batch = global_batch(world_size)
+    # The one-process reference: the same bf16 values, upcast to float32 before the loss.
+    image32 = batch["image_features"].bfloat16().float()
+    text32 = batch["text_features"].bfloat16().float()
+    for name, loss_class in LOSSES.items():
+        # The forward exchange carries the features' own dtype: bf16 is half of float32's bytes.
+        for rank in ranks:
+            assert rank[f"{name}_wire"] == {"float32": ["torch.float32"], "bfloat16": ["torch.bfloat16"]}
+
+        expected = leaf_grads(loss_class(init_logit_scale=0.0), image32, text32)
+        per_rank = [r[f"{name}_bf16"] for r in ranks]
+        # The loss is float32 math on exactly the values sent: float32 agreement.
+        close(torch.stack([r["loss"] for r in per_rank]).mean(), expected["loss"])
+        # Feature gradients: every rank's float32 terms summed, then rounded to bf16 once.
+        for rank, result in enumerate(per_rank):
+            rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            within_one_bf16_rounding(result["image"], world_size * expected["image"][rows])
+            within_one_bf16_rounding(result["text"], world_size * expected["text"][rows])
+        # The logit parameters stay float32 and so do their gradients.
+        assert per_rank[0]["scale"].dtype == torch.float32
+        close(torch.stack([r["scale"] for r in per_rank]).mean(), expected["scale"])
+        if name == "siglip":
+            close(torch.stack([r["bias"] for r in per_rank]).mean(), expected["bias"])

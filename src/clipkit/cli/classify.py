@@ -23,7 +23,7 @@ DEFAULT_TEMPLATE = "a photo of a {c}."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
     parser.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH or architecture"
+        "--model", required=True, help="run dir, exported dir, local-dir:PATH, hf:ORG/NAME or architecture"
     )
     parser.add_argument(
         "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"

@@ -16,7 +16,10 @@ from clipkit.errors import ClipkitError
 # name -> (module, one-line help). Listed here, not discovered, so the command set is explicit.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("clipkit.cli.train", "train a model (Hydra overrides; same as python -m clipkit.train)"),
-    "export": ("clipkit.cli.export", "write a model in open_clip's local-dir layout"),
+    "export": (
+        "clipkit.cli.export",
+        "write a model in open_clip's local-dir layout or as a transformers model",
+    ),
     "shards": ("clipkit.cli.shards", "write webdataset shards from images, or a demo dataset"),
     "tokenizer": ("clipkit.cli.tokenizer", "train a SentencePiece tokenizer on shard captions"),
     "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),

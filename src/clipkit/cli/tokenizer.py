@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipkit.data.shards import iter_captions
-    from clipkit.data.tokenizer import train_sentencepiece
+    from clipkit.models.tokenizer import train_sentencepiece
 
     captions = iter_captions(args.shards, limit=args.max_captions)
     tokenizer = train_sentencepiece(

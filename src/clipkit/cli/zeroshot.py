@@ -1,10 +1,10 @@
 """Zero-shot classification (or retrieval) of a model on a labelled dataset, with CLIP_benchmark's metrics.
 
-MODEL is a clipkit run directory, an exported directory, local-dir:PATH, a conf/model name, or an
-open_clip architecture with --pretrained FILE. DATASET is a CLIP_benchmark wds directory, a folder of
-class sub-folders, or webdataset shards with KEY.json labels (plus --classnames); with --task retrieval,
-captioned shards (KEY.jpg + KEY.txt) or a CLIP_benchmark retrieval directory. The text classifier is
-computed once per model and prompt set and cached (--cache-dir).
+MODEL is a clipkit run directory, an exported directory, local-dir:PATH, a transformers checkpoint (dir or
+hf:ORG/NAME), a conf/model name, or an open_clip architecture with --pretrained FILE. DATASET is a
+CLIP_benchmark wds directory, a folder of class sub-folders, or webdataset shards with KEY.json labels
+(plus --classnames); with --task retrieval, captioned shards (KEY.jpg + KEY.txt) or a CLIP_benchmark
+retrieval directory. The text classifier is computed once per model and prompt set and cached (--cache-dir).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MAX_SKIPPED_LISTED = 1000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH or architecture"
+        "--model", required=True, help="run dir, exported dir, local-dir:PATH, hf:ORG/NAME or architecture"
     )
     parser.add_argument(
         "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"

@@ -60,7 +60,7 @@ class ContrastiveLoss(torch.nn.Module):
     ) -> torch.Tensor:
         """This rank's loss on its (b, D) features; `logit_scale` already exponentiated."""
         rank, world_size = self.process_layout()
-        image, text, scale, bias = upcast_inputs(image_features, text_features, logit_scale, logit_bias)
+        image, text, scale, bias = prepare_inputs(image_features, text_features, logit_scale, logit_bias)
         # Autocast would send the matmuls back to bf16/fp16: the loss keeps its own precision.
         with torch.autocast(image.device.type, enabled=False):
             return self.loss_on_this_rank(image, text, scale, bias, rank=rank, world_size=world_size)
@@ -75,6 +75,12 @@ class ContrastiveLoss(torch.nn.Module):
         rank: int,
         world_size: int,
     ) -> torch.Tensor:
+        """The loss on (b, D) features in their own (wire) dtype and scalars in the math dtype.
+
+        Features cross processes in their own dtype (bf16 features travel as bf16: half the bytes of
+        float32, and exact) and are upcast to the scalars' dtype on arrival; gradients w.r.t. them are
+        summed in that dtype and rounded to the features' dtype once, on the way out.
+        """
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -84,22 +90,32 @@ class ContrastiveLoss(torch.nn.Module):
         )
 
 
-def upcast_inputs(
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss computes in for features of `dtype`: float32 at least, float64 stays."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def prepare_inputs(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Check shapes and upcast: features may arrive in bf16/fp16, the loss math runs in float32.
+    """Check shapes; features in one shared dtype (their own), scale and bias in the math dtype.
 
-    float64 stays float64. The casts are differentiable, so gradients flow back in the callers' dtypes.
+    Features may arrive in bf16/fp16: they stay so until they have crossed processes, and the math
+    then runs in float32 (`math_dtype`). The casts are differentiable, so gradients flow back in the
+    callers' dtypes.
     """
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
             "image_features and text_features must both be (batch, dim), got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-    dtype = torch.promote_types(torch.promote_types(image_features.dtype, text_features.dtype), torch.float32)
+    wire = torch.promote_types(image_features.dtype, text_features.dtype)
+    if not wire.is_floating_point:
+        raise ValueError(f"image_features and text_features must be floating point, got {wire}")
+    dtype = math_dtype(wire)
     device = image_features.device
 
     def scalar(value):
@@ -108,12 +124,12 @@ def upcast_inputs(
                 raise ValueError(
                     f"logit_scale and logit_bias must be scalars, got shape {tuple(value.shape)}"
                 )
-            return value.to(dtype)
+            return value.to(device=device, dtype=dtype)
         return torch.tensor(float(value), dtype=dtype, device=device)
 
     return (
-        image_features.to(dtype),
-        text_features.to(dtype),
+        image_features.to(wire),
+        text_features.to(wire),
         scalar(logit_scale),
         None if logit_bias is None else scalar(logit_bias),
     )

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import all_gather_with_grad
+from clipkit.losses.precision import matmul_transposed
 
 
 def clip_loss_local(
@@ -28,9 +29,10 @@ def clip_loss_local(
     """
     b = image_features.shape[0]
     labels = torch.arange(first_label, first_label + b, device=image_features.device)  # (b,)
-    # Scale the (b, D) side before the product: one fewer (b, N) temporary.
-    logits_per_image = (logit_scale * image_features) @ all_text_features.T  # (b, N)
-    logits_per_text = (logit_scale * text_features) @ all_image_features.T  # (b, N)
+    # Scale the (b, D) side before the product: one fewer (b, N) temporary. IEEE float32 even where the
+    # process has TF32 on.
+    logits_per_image = matmul_transposed(logit_scale * image_features, all_text_features)  # (b, N)
+    logits_per_text = matmul_transposed(logit_scale * text_features, all_image_features)  # (b, N)
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
@@ -42,7 +44,8 @@ class ClipLoss(ContrastiveLoss):
 
     forward(image_features (b, D), text_features (b, D), logit_scale, logit_bias=None) -> scalar,
     with `logit_scale` already exponentiated (`model.logit_scale.exp()`, as open_clip's models return
-    it). Features are expected L2-normalised; any float dtype, the math runs in float32.
+    it). Features are expected L2-normalised; any float dtype, gathered in that dtype (bf16 on the
+    wire under bf16), the math runs in float32 and their gradients come back in their dtype.
 
     Across W processes, each passing its own b pairs (b equal on all ranks): every image is scored
     against the texts of all W*b pairs and vice versa. Features are gathered from all ranks with
@@ -59,17 +62,21 @@ class ClipLoss(ContrastiveLoss):
     """
 
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
+        dtype = logit_scale.dtype  # the math dtype: float32, or float64 for float64 features
+        b = image_features.shape[0]
         if world_size == 1:
-            all_image, all_text = image_features, text_features
-        else:  # (W*b, D) each, rank r's rows at [r*b, (r+1)*b)
-            all_image = all_gather_with_grad(image_features, group=self.group, world_size=world_size)
-            all_text = all_gather_with_grad(text_features, group=self.group, world_size=world_size)
+            image, text = image_features.to(dtype), text_features.to(dtype)
+            all_image, all_text = image, text
+        else:  # (W*b, D) each, rank r's rows at [r*b, (r+1)*b); gathered in the features' own dtype
+            all_image = all_gather_with_grad(
+                image_features, group=self.group, world_size=world_size, dtype=dtype
+            )
+            all_text = all_gather_with_grad(
+                text_features, group=self.group, world_size=world_size, dtype=dtype
+            )
+            # Our rows taken from the gathered copy (equal, the gather is exact): the gradients of the
+            # local and the gathered use then add up in float32 before their one rounding.
+            image, text = all_image[rank * b : (rank + 1) * b], all_text[rank * b : (rank + 1) * b]
         return clip_loss_local(
-            image_features,
-            text_features,
-            all_image,
-            all_text,
-            logit_scale,
-            logit_bias,
-            first_label=rank * image_features.shape[0],
+            image, text, all_image, all_text, logit_scale, logit_bias, first_label=rank * b
         )

@@ -46,32 +46,39 @@ def process_layout(
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's (b, D) rows; backward sums each rank's gradient for our rows.
 
-    torch.distributed.nn.functional.all_gather does the same but is deprecated in favour of private
-    APIs, so clipkit keeps this small version.
+    The rows travel in their own dtype (bf16 stays bf16: half the bytes, no rounding) and come out in
+    `dtype`; the gradients travel and are summed in `dtype`, then rounded to the rows' dtype once, so
+    a bf16 input gets the float32 sum of every rank's terms, rounded a single time.
+    torch.distributed.nn.functional.all_gather does the gathering with gradient too, but is deprecated
+    in favour of private APIs, so clipkit keeps this small version.
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup | None, world_size: int) -> torch.Tensor:
-        ctx.group, ctx.world_size = group, world_size
+    def forward(
+        ctx, tensor: torch.Tensor, group: ProcessGroup | None, world_size: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        ctx.group, ctx.world_size, ctx.input_dtype = group, world_size, tensor.dtype
         tensor = tensor.contiguous()
         gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))  # (W*b, D)
         dist.all_gather_into_tensor(gathered, tensor, group=group)
-        return gathered
+        return gathered.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_gathered: torch.Tensor):
         # Every rank's loss used our rows, so our gradient is the sum over ranks of their gradients.
-        grad_gathered = grad_gathered.contiguous()  # (W*b, D)
+        grad_gathered = grad_gathered.contiguous()  # (W*b, D) in the math dtype
         grad = grad_gathered.new_empty((grad_gathered.shape[0] // ctx.world_size, *grad_gathered.shape[1:]))
         dist.reduce_scatter_tensor(grad, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None, None
+        return grad.to(ctx.input_dtype), None, None, None
 
 
 def all_gather_with_grad(
-    tensor: torch.Tensor, *, group: ProcessGroup | None, world_size: int
+    tensor: torch.Tensor, *, group: ProcessGroup | None, world_size: int, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """(b, D) on each rank -> (W*b, D), rank r's rows at [r*b, (r+1)*b); differentiable."""
-    return _AllGatherWithGrad.apply(tensor, group, world_size)
+    """(b, D) on each rank -> (W*b, D) in `dtype` (default: the tensor's), rank r's rows at
+    [r*b, (r+1)*b); differentiable. The exchange carries the tensor's own dtype; see _AllGatherWithGrad.
+    """
+    return _AllGatherWithGrad.apply(tensor, group, world_size, tensor.dtype if dtype is None else dtype)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from clipkit.losses.base import ContrastiveLoss
 from clipkit.losses.distributed import Ring
+from clipkit.losses.precision import ieee_float32_matmuls
 
 
 def _signed_logits(
@@ -95,16 +96,25 @@ class _SigLipRingLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, logit_bias, ring: Ring):
+        with ieee_float32_matmuls(image_features.device):  # float32 math even where TF32 is on
+            return _SigLipRingLoss._forward(ctx, image_features, text_features, logit_scale, logit_bias, ring)
+
+    @staticmethod
+    def _forward(ctx, image_features, text_features, logit_scale, logit_bias, ring: Ring):
+        # Features arrive in their own dtype and texts travel in it (bf16 stays bf16 on the wire);
+        # each chunk is upcast to the scalars' (math) dtype on arrival.
         ctx.ring = ring
         ctx.save_for_backward(image_features, text_features, logit_scale, logit_bias)
-        loss = image_features.new_zeros(())
+        dtype = logit_scale.dtype
+        image = image_features.to(dtype)  # (b, D)
+        loss = image.new_zeros(())
         texts = text_features  # step k holds the texts of rank - k
         for step in range(ring.world_size):
             last = step == ring.world_size - 1
             # Post the next shift before computing, so the transfer overlaps the chunk's matmul.
             pending = None if last else ring.start_shift(texts)
             loss += siglip_chunk_loss(
-                image_features, texts, logit_scale, logit_bias, with_positives=step == 0
+                image, texts.to(dtype), logit_scale, logit_bias, with_positives=step == 0
             )
             if pending is not None:
                 (texts,) = pending.wait()
@@ -112,8 +122,9 @@ class _SigLipRingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # backward() may be called inside an autocast region; the recomputation stays in float32.
-        with torch.autocast(grad_loss.device.type, enabled=False):
+        # backward() may be called inside an autocast region, or with TF32 on; the recomputation stays in
+        # float32.
+        with torch.autocast(grad_loss.device.type, enabled=False), ieee_float32_matmuls(grad_loss.device):
             return _SigLipRingLoss._backward(ctx, grad_loss)
 
     @staticmethod
@@ -123,15 +134,17 @@ class _SigLipRingLoss(torch.autograd.Function):
         # This rank's loss is divided by b and scaled by grad_loss: weight its terms before their
         # gradients leave for other ranks.
         grad_weight = grad_loss / image_features.shape[0]
-        grad_image = torch.zeros_like(image_features)  # (b, D)
+        dtype = logit_scale.dtype  # gradients add up in the math dtype and are rounded once, at the end
+        image = image_features.to(dtype)  # (b, D)
+        grad_image = torch.zeros_like(image)  # (b, D)
         grad_scale = torch.zeros_like(logit_scale)
         grad_bias = None if logit_bias is None else torch.zeros_like(logit_bias)
-        texts = text_features  # step k holds the texts of rank - k ...
-        grad_texts = torch.zeros_like(text_features)  # ... and their gradient from the ranks they visited
+        texts = text_features  # step k holds the texts of rank - k (in their own dtype) ...
+        grad_texts = torch.zeros_like(image)  # ... and their gradient from the ranks they visited
         for step in range(ring.world_size):
             chunk_scale, chunk_bias = accumulate_siglip_chunk_grads(
-                image_features,
-                texts,
+                image,
+                texts.to(dtype),
                 logit_scale,
                 logit_bias,
                 with_positives=step == 0,
@@ -151,6 +164,7 @@ class _SigLipRingLoss(torch.autograd.Function):
             else:
                 # The block we hold belongs to our right neighbour and has been through every rank.
                 (grad_texts,) = ring.start_shift(grad_texts).wait()
+        grad_image, grad_texts = grad_image.to(image_features.dtype), grad_texts.to(text_features.dtype)
         return grad_image, grad_texts, grad_scale, grad_bias, None
 
 
@@ -164,7 +178,9 @@ def siglip_loss_ring(
 ) -> torch.Tensor:
     """This rank's SigLIP loss: sum over all W*b texts of its b images' terms, divided by b.
 
-    float32 (b, D) features and scalar tensors; see SigLipLoss for the distributed semantics.
+    (b, D) features in any float dtype, which is the one they travel in; scalar tensors in the math
+    dtype (float32, or float64), which the chunks are computed and the gradients summed in; the
+    features' gradients are rounded to their dtype once. See SigLipLoss for the distributed semantics.
     """
     return _SigLipRingLoss.apply(image_features, text_features, logit_scale, logit_bias, ring)
 
@@ -174,7 +190,9 @@ class SigLipLoss(ContrastiveLoss):
 
     forward(image_features (b, D), text_features (b, D), logit_scale, logit_bias=None) -> scalar,
     with `logit_scale` already exponentiated (`model.logit_scale.exp()`) and `logit_bias` as the model
-    returns it. Features are expected L2-normalised; any float dtype, the math runs in float32. The
+    returns it. Features are expected L2-normalised; any float dtype, sent around the ring in that dtype
+    (bf16 on the wire under bf16), the math runs in float32 and their gradients come back in their
+    dtype. The
     value is sum over pairs of -log sigmoid(label * logit) divided by b, as in open_clip and big_vision.
 
     Across W processes, each passing its own b pairs (b equal on all ranks): every image is scored

@@ -89,8 +89,15 @@ def find_weights_file(directory: Path) -> Path | None:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a state dict into `model`, strictly, resizing position embeddings when sizes differ."""
-    state_dict = read_state_dict(path)
+    """Load a weights file into `model`, strictly, resizing position embeddings when sizes differ."""
+    load_state_dict_into(model, read_state_dict(path), origin=str(path))
+
+
+def load_state_dict_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, origin: str) -> None:
+    """Load `state_dict` (named after `origin` in messages) into `model` strictly, resizing position
+    embeddings when sizes differ."""
+    state_dict = dict(state_dict)
+    path = origin
     # A scalar saved for a 1-element logit parameter (or the reverse) is the same value.
     for key in ("logit_scale", "logit_bias"):
         param = getattr(model, key, None)

@@ -11,9 +11,9 @@ import yaml
 from clipkit.cli.main import main as clipkit_main
 from clipkit.configs import config_dir
 from clipkit.data.synthetic import write_synthetic_dataset
-from clipkit.data.tokenizer import EOS_ID, PAD_ID, SentencePieceTokenizer, train_sentencepiece
 from clipkit.errors import ClipkitError
 from clipkit.models import build_model, export_model
+from clipkit.models.tokenizer import EOS_ID, PAD_ID, SentencePieceTokenizer, train_sentencepiece
 
 TEXTS = ["a small red circle in the top left.", "A LARGE  Blue\tsquare", "a purple cross " * 20, "é ✓", ""]
 

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers trained on a dataset's captions, for text towers trained from scratch.
+"""Tokenizers that travel with a model: `build_tokenizer` picks open_clip's choice for a model config,
+and SentencePiece tokenizers trained on a dataset's captions, for text towers trained from scratch.
 
 Token ids as in T5: <pad> = 0, </s> (end of text) = 1, <unk> = 2, no start token. A sequence is the caption's
 pieces, then </s>, then padding to the context length; a caption too long keeps its first
@@ -13,13 +14,17 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sentencepiece
 import torch
 
 from clipkit.errors import ClipkitError
+
+if TYPE_CHECKING:
+    from clipkit.models.sources import TokenizerSpec
 
 MODEL_FILE = "spiece.model"  # the name Hugging Face's T5Tokenizer looks for
 MARKER_FILE = "clipkit_tokenizer.json"  # says "this directory's tokenizer is clipkit's SentencePiece"
@@ -179,3 +184,34 @@ def text_cfg_for_sentencepiece(text_cfg: dict, tokenizer: SentencePieceTokenizer
         "eos_id": EOS_ID,
         "hf_tokenizer_name": text_cfg.get("hf_tokenizer_name") or "clipkit-sentencepiece",
     }
+
+
+def build_tokenizer(model_cfg: Mapping[str, Any], spec: TokenizerSpec, *, model_name: str) -> Callable:
+    """open_clip's choice of tokenizer, from the text config alone (never from the model's name):
+    a clipkit SentencePiece model, the Hugging Face tokenizer the text config names (from the model's
+    own directory when it has the files), else open_clip's CLIP BPE tokenizer."""
+    import open_clip
+
+    text_cfg = model_cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    if spec.sentencepiece is not None:
+        return SentencePieceTokenizer(spec.sentencepiece, context_length=context_length)
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if hf_name:
+        source = spec.hf_dir or hf_name
+        try:
+            return open_clip.tokenizer.HFTokenizer(
+                str(source),
+                context_length=context_length,
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **(text_cfg.get("tokenizer_kwargs") or {}),
+            )
+        except Exception as e:
+            raise ClipkitError(
+                f"model '{model_name}' tokenizes with the Hugging Face tokenizer '{source}', which could "
+                f"not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); install `transformers` "
+                f"and fetch it once with network access (`hf download {hf_name}`)"
+            ) from None
+    return open_clip.SimpleTokenizer(
+        context_length=context_length, **(text_cfg.get("tokenizer_kwargs") or {})
+    )
