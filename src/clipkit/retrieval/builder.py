@@ -15,7 +15,7 @@ import numpy as np
 
 from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, build_model
-from clipkit.models.factory import LOCAL_DIR_PREFIX
+from clipkit.models.sources import LOCAL_DIR_PREFIX
 from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
 from clipkit.retrieval.index_choice import (
