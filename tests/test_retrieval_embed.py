@@ -23,6 +23,7 @@ from clipkit.retrieval import (
     RetrievalIndex,
     add_to_index,
     build_index,
+    build_index_from_embeddings,
     list_image_items,
     open_index,
     read_manifest,
@@ -304,5 +305,43 @@ def test_an_ivf_index_is_retrained_when_appends_outgrow_its_clusters(model_dir, 
         exact.add(stored)
         np.testing.assert_array_equal(index.search(stored[:20], 5)[1], exact.search(stored[:20], 5)[1])
         assert [index.record(i).uri for i in (0, 40, 170)] == ["img000.png", "img000.png", "img000.png"]
+    finally:
+        index.close()
+
+
+def test_a_collection_over_the_memory_budget_is_searched_from_disk(model_dir, tmp_path):
+    """12,000 embeddings with 100 kB to spare: no compressed code fits, so an IVF index is memory-mapped."""
+    import hashlib
+
+    from clipkit.retrieval import load_encoder
+    from clipkit.retrieval.parts import write_job, write_part
+
+    _, identity = load_encoder(model_dir)
+    vectors = clustered_vectors(12_000, identity["embed_dim"], seed=3)
+    image = tmp_path / "one.png"
+    image.write_bytes(encode(make_images(1, seed=8)[0], "png"))
+    rows = [{"key": f"v{i}", "shard": None, "image_path": str(image), "offset": None, "length": image.stat().st_size,
+             "sha256": hashlib.sha256(b"%d" % i).hexdigest(), "media_type": "image/png", "width": 40, "height": 36,
+             "caption": None, "metadata": "{}"} for i in range(len(vectors))]  # fmt: skip
+    emb = tmp_path / "emb"
+    for part in range(2):
+        write_part(
+            emb, part, vectors[part * 6000 : (part + 1) * 6000], rows[part * 6000 : (part + 1) * 6000], []
+        )
+    write_job(emb, {"format": "clipkit-embeddings", "version": 1, "model": identity, "dim": identity["embed_dim"],
+                    "source": "synthetic", "images": 12_000, "part_size": 6000, "parts": 2, "complete": True,
+                    "embedded": 12_000, "skipped": []})  # fmt: skip
+
+    build_index_from_embeddings(emb, tmp_path / "idx", max_memory="100kB")
+    manifest = read_manifest(tmp_path / "idx")
+    assert manifest["kind"] == "ivf" and manifest["params"]["mmap"] and manifest["tuning"]["reached"]
+    index = RetrievalIndex(tmp_path / "idx", search_params={"nprobe": manifest["params"]["nlist"]})
+    try:
+        assert isinstance(index.vectors, faiss.IndexIVFFlat) and index.count == 12_000
+        queries = vectors[:50]
+        np.testing.assert_array_equal(
+            index.search(queries, 10)[1], np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+        )
+        assert index.record(11_999).uri == "v11999"
     finally:
         index.close()
