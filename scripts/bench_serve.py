@@ -9,6 +9,14 @@ so drift on a shared machine hits both alike. Every level is bounded: `--request
 short warm-up) or `--level-seconds`, whichever ends first. The load generator (httpx, asyncio) runs in
 this process on the same cores as the server, as a client on the same machine would.
 
+Scale (--scale-vectors 1000000): a tiny model trained on the digits embeds augmented digit images with
+`clipkit embed` in 1 and 2 processes (the throughput figures); those embeddings are grown into N vectors
+(points between two embeddings of the same digit, plus noise) and indexed with `clipkit index build
+--from-embeddings` (index type, tuning, build time, bytes); then recall@10 against exact search and latency
+of vector search alone, and of end-to-end text queries through `clipkit serve`, at 1, 8, 32 and 128 clients.
+
+    python scripts/bench_serve.py --skip-serving --skip-vectors --scale-vectors 1000000 --out scale.json
+
 Vector search: clipkit's own `create_vector_index` with the parameters an index build records, on
 seeded random unit vectors; recall@10 against exact search, and per-query latency one query at a time.
 
@@ -34,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import write_report
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(REPO_ROOT / "src"))  # before _report, which imports clipkit: this checkout's
+
+from _report import write_report  # noqa: E402
 
 QUERY_WORDS = (
     "red",
@@ -70,6 +78,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=500, help="queries for recall and latency")
     parser.add_argument("--encoder-repeats", type=int, default=15, help="timed text batches per path")
+    parser.add_argument(
+        "--scale-vectors",
+        type=int,
+        default=0,
+        help="build an index of this many vectors from a trained model's embeddings (0: skip)",
+    )
+    parser.add_argument(
+        "--scale-model", help="trained model for the scale part (default: train digits, ~3 min)"
+    )
+    parser.add_argument(
+        "--scale-images", type=int, default=3000, help="digit images embedded for the scale part"
+    )
+    parser.add_argument(
+        "--scale-searches", type=int, default=4000, help="vector searches per concurrency level"
+    )
+    parser.add_argument("--clients-scale", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-vectors", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
@@ -323,6 +347,250 @@ def bench_vectors(args) -> dict:
             "faiss_threads": faiss.omp_get_max_threads(), "results": results}  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Scale: embedding throughput, and a 1,000,000-vector index built from a trained model's embeddings
+
+
+def bench_scale(args, work: Path) -> dict:
+    """Embed augmented digits with a trained tiny model (1 and 2 processes), grow them into --scale-vectors
+    embeddings, build an index from them with `clipkit index build --from-embeddings`, and measure recall and
+    latency of vector search alone and of end-to-end text queries under concurrent clients."""
+    model = Path(args.scale_model) if args.scale_model else train_digits_model(work)
+    images = write_augmented_digits(work / "images", args.scale_images)
+    embedding = {n: embed_images(model, images, work / f"embeddings-{n}", processes=n) for n in (1, 2)}
+    vectors, rows = grow_embeddings(work / "embeddings-2", args.scale_vectors, seed=0)
+    write_grown_parts(work / "embeddings-1", work / "grown", vectors, rows)
+    started = time.perf_counter()
+    built = run_clipkit(
+        "index", "build", "--from-embeddings", str(work / "grown"), "--out", str(work / "index")
+    )
+    build_s = time.perf_counter() - started
+    manifest = json.loads((work / "index" / "index.json").read_text())
+    print(
+        json.dumps({"index": manifest["kind"], "params": manifest["params"], "build_s": build_s}),
+        file=sys.stderr,
+    )
+    del built
+    held_out, _ = grow_embeddings(work / "embeddings-2", 1000, seed=1)  # image-like queries, never indexed
+    text_queries = encode_captions(model)
+    vector_search = bench_vector_search(
+        work / "index", vectors, {"text captions": text_queries, "held-out image embeddings": held_out}, args
+    )
+    del vectors
+    end_to_end = bench_end_to_end(work / "index", args)
+    return {
+        "how the vectors were made": (
+            f"a tiny model trained on scikit-learn's digits embeds {args.scale_images} augmented digit images "
+            "(shift, ink, noise); each indexed vector is a random point between two of those embeddings of the "
+            "same digit, plus Gaussian noise (sigma 0.01 a dimension), re-normalised"
+        ),
+        "model": str(model),
+        "embedding": embedding,
+        "index": {
+            "vectors": args.scale_vectors,
+            "dim": manifest["dim"],
+            "kind": manifest["kind"],
+            "params": manifest["params"],
+            "build_command_s": round(build_s, 1),
+            "tuning": manifest["tuning"],
+            "index_bytes": (work / "index" / manifest["vectors_file"]).stat().st_size,
+            "metadata_bytes": (work / "index" / manifest["metadata_file"]).stat().st_size,
+        },
+        "vector_search": vector_search,
+        "end_to_end": end_to_end,
+    }
+
+
+def run_clipkit(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
+    command = launcher or [sys.executable, "-m", "clipkit"]
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def train_digits_model(work: Path) -> Path:
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    subprocess.run(
+        [sys.executable, "-m", "clipkit.train", "experiment=digits", "train.steps=300", "train.eval_every=0",
+         "train.checkpoint_every=100000", f"output_dir={work / 'run'}", f"data.generate.dir={work / 'digits'}"],
+        cwd=REPO_ROOT, env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    print(json.dumps({"trained digits model s": round(time.perf_counter() - started, 1)}), file=sys.stderr)
+    return work / "run"
+
+
+def write_augmented_digits(folder: Path, count: int) -> Path:
+    """`count` PNGs of the digits (shifted, inked and noised at random), named LABEL_NNNNN.png, with a caption."""
+    from PIL import Image
+
+    from clipkit.data.digits import CLASSNAMES, load_digits_arrays
+
+    digits, labels = load_digits_arrays()
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        j = int(rng.integers(len(digits)))
+        ink = np.roll(digits[j] / 16.0, shift=tuple(rng.integers(-1, 2, size=2)), axis=(0, 1))
+        ink = np.clip(ink * rng.uniform(0.6, 1.0) + rng.normal(0, 0.05, ink.shape), 0, 1)
+        image = Image.fromarray((255 * (1 - ink)).astype(np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)
+        image.convert("RGB").save(folder / f"{labels[j]}_{i:05d}.png")
+        (folder / f"{labels[j]}_{i:05d}.txt").write_text(f"a handwritten {CLASSNAMES[labels[j]]}.")
+    return folder
+
+
+def embed_images(model: Path, images: Path, out: Path, *, processes: int) -> dict:
+    args = ["--model", str(model), "--images", str(images), "--out", str(out), "--batch-size", "256",
+            "--workers", "1", "--part-size", "1000", "--no-progress"]  # fmt: skip
+    launcher = None
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO_ROOT / "conf/accelerate/cpu-2proc.yaml"), "-m", "clipkit.embed"]  # fmt: skip
+    started = time.perf_counter()
+    result = run_clipkit(*(["embed"] if launcher is None else []), *args, launcher=launcher)
+    wall = time.perf_counter() - started
+    count = json.loads((out / "embeddings.json").read_text())["embedded"]
+    rate = re.search(r"at ([\d.]+) images/s", result.stdout)
+    row = {"processes": processes, "images": count, "command_s": round(wall, 1),
+           "images_per_s_whole_command": round(count / wall, 1),
+           "images_per_s_embedding_main_process": float(rate.group(1)) if rate else None}  # fmt: skip
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def grow_embeddings(
+    folder: Path, count: int, *, seed: int
+) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
+    """`count` unit vectors, each between two embeddings of the same digit in `folder` (with a little noise);
+    (vectors (count, D), [(first, second, t)] per vector)."""
+    from clipkit.retrieval.parts import read_job
+
+    parts = list(read_job(folder).iter_parts())
+    base = np.concatenate([v for v, _, _ in parts])  # (B, D)
+    labels = np.array([int(row["key"].split("_")[0]) for _, rows, _ in parts for row in rows])
+    rng = np.random.default_rng(seed)
+    by_label = [np.flatnonzero(labels == label) for label in range(10)]
+    label = rng.integers(0, 10, size=count)
+    first = np.array([rng.choice(by_label[c]) for c in label[: min(count, 50_000)]])
+    first = np.resize(first, count) if count > 50_000 else first
+    second = np.array([by_label[c][i % len(by_label[c])] for c, i in
+                       zip(label, rng.integers(0, 1 << 30, size=count), strict=True)])  # fmt: skip
+    second = np.where(labels[second] == labels[first], second, first)
+    t = rng.uniform(0, 1, size=(count, 1)).astype(np.float32)
+    vectors = (
+        (1 - t) * base[first]
+        + t * base[second]
+        + rng.normal(0, 0.01, (count, base.shape[1])).astype(np.float32)
+    )
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors, dtype=np.float32), list(
+        zip(first.tolist(), second.tolist(), t[:, 0].tolist(), strict=True)
+    )
+
+
+def write_grown_parts(source: Path, out: Path, vectors: np.ndarray, grown: list) -> None:
+    """The grown vectors as a `clipkit embed` folder: each row points at the image its first parent came from."""
+    import hashlib
+
+    from clipkit.retrieval.parts import read_job, write_job, write_part
+
+    job = read_job(source)
+    base_rows = [row for _, rows, _ in job.iter_parts() for row in rows]
+    part_size = 100_000
+    for part in range(-(-len(vectors) // part_size)):
+        rows = []
+        for i in range(part * part_size, min(len(vectors), (part + 1) * part_size)):
+            parent = base_rows[grown[i][0]]
+            rows.append({**parent, "key": f"grown/{i:07d}", "sha256": hashlib.sha256(b"grown %d" % i).hexdigest(),
+                         "metadata": json.dumps({"parents": grown[i][:2], "t": round(grown[i][2], 3)})})  # fmt: skip
+        write_part(out, part, vectors[part * part_size : (part + 1) * part_size], rows, [])
+    parts = -(-len(vectors) // part_size)
+    write_job(out, {**job.manifest, "images": len(vectors), "part_size": part_size, "parts": parts,
+                    "embedded": len(vectors), "skipped": [], "source": "grown from " + str(source)})  # fmt: skip
+
+
+def encode_captions(model: Path) -> np.ndarray:
+    from clipkit.data.digits import CAPTION_TEMPLATES, CLASSNAMES
+    from clipkit.retrieval import load_encoder
+
+    encoder, _ = load_encoder(model)
+    texts = [t.format(name=name, numeral=i) for t in CAPTION_TEMPLATES for i, name in enumerate(CLASSNAMES)]
+    return encoder.encode_texts(texts)  # (Q, D)
+
+
+def bench_vector_search(index_dir: Path, vectors: np.ndarray, query_sets: dict, args) -> dict:
+    """Recall@10 against exact search, then per-query latency with N clients searching at once (threads: FAISS
+    releases the GIL), as the server's search calls do."""
+    import faiss
+
+    from clipkit.retrieval import RetrievalIndex
+
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    index = RetrievalIndex(index_dir)
+    recall = {}
+    for name, queries in query_sets.items():
+        truth = exact.search(queries, 10)[1]
+        found = index.search(queries, 10)[1]
+        recall[name] = round(
+            float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, truth, strict=True)])), 4
+        )
+    del exact
+    queries = np.concatenate(list(query_sets.values()))
+    levels = []
+    default_threads = faiss.omp_get_max_threads()
+    # FAISS's default OpenMP team per search call, and one thread per call (the clients are the parallelism).
+    for threads in (default_threads, 1):
+        faiss.omp_set_num_threads(threads)
+        for clients in args.clients_scale:
+            searched = concurrent_searches(index, queries, clients, args.scale_searches)
+            levels.append({"faiss_threads": threads, "clients": clients, **searched})
+            print(json.dumps(levels[-1]), file=sys.stderr)
+    faiss.omp_set_num_threads(default_threads)
+    index.close()
+    return {"recall_at_10": recall, "levels": levels}
+
+
+def concurrent_searches(index, queries: np.ndarray, clients: int, total: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    per_client = max(1, total // clients)
+
+    def client(seed: int) -> list[float]:
+        rng = np.random.default_rng(seed)
+        times = []
+        for _ in range(per_client):
+            query = queries[rng.integers(len(queries))][None]
+            start = time.perf_counter()
+            index.search(query, 10)
+            times.append(time.perf_counter() - start)
+        return times
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        times = [t for ts in pool.map(client, range(clients)) for t in ts]
+    elapsed = time.perf_counter() - started
+    p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
+    return {"searches": len(times), "searches_per_s": round(len(times) / elapsed, 1),
+            "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}  # fmt: skip
+
+
+def bench_end_to_end(index_dir: Path, args) -> dict:
+    process, url = start_server(index_dir, index_dir.parent / "scale-serve.log")
+    levels = []
+    try:
+        for clients in args.clients_scale:
+            levels.append(asyncio.run(load(url, clients, args.requests, args.level_seconds, seed=clients)))
+            print(json.dumps(levels[-1]), file=sys.stderr)
+    finally:
+        stop_server(process)
+    return {"server": "clipkit serve (default settings, micro-batching)", "levels": levels}
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -352,6 +620,9 @@ def main() -> None:
         report["text_encoder"] = bench_text_encoder(args)
     if not args.skip_vectors:
         report["vector_search"] = bench_vectors(args)
+    if args.scale_vectors:
+        with tempfile.TemporaryDirectory(prefix="bench_scale.") as tmp:
+            report["scale"] = bench_scale(args, Path(tmp))
     report["total_s"] = round(time.perf_counter() - started, 1)
     print(write_report(report, args.out))
 

@@ -97,6 +97,31 @@ def test_readme_commands_run(workdir):
     assert Image.open(io.BytesIO((workdir / "thumbnail.jpg").read_bytes())).size[0] <= 128
 
 
+@pytest.mark.slow  # ~60 s: one process, a 2-process launch and an index build
+def test_readme_embedding_commands_run(workdir):
+    """`clipkit embed` in 1 and 2 processes writes the same embeddings; `--from-embeddings` indexes them."""
+    import numpy as np
+
+    (workdir / "conf").mkdir(exist_ok=True)  # the launch command names the repository's config
+    (workdir / "conf" / "accelerate").symlink_to(REPO_ROOT / "conf" / "accelerate")
+    for command in (line for line in blocks("bash")[2].splitlines() if line.strip()):
+        program, *args = shlex.split(command)
+        if program == "accelerate":  # `accelerate launch ARGS`
+            launcher, args = ["-m", "accelerate.commands.launch"], args[1:]
+        else:
+            launcher = ["-m", "clipkit"]
+        result = subprocess.run([sys.executable, *launcher, *args], cwd=workdir, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    one, two = (
+        np.load(workdir / name / "img_emb" / "img_emb_0000.npy")
+        for name in ("photo-embeddings", "photo-embeddings-2")
+    )
+    np.testing.assert_allclose(one, two, atol=1e-6)
+    manifest = json.loads((workdir / "big-index" / "index.json").read_text())
+    assert manifest["count"] == 5 and manifest["kind"] == "flat" and manifest["tuning"]["recall_at_10"] == 1.0
+
+
 def test_readme_python_example_runs(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     exec(compile(blocks("python")[0], "README.md", "exec"), {})

@@ -4,6 +4,10 @@ SOURCE is a folder of images (searched recursively; IMAGE.txt beside an image is
 webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} pattern), or a CSV / TSV /
 JSONL / Parquet table with an image path column (paths relative to the table) and optional caption and metadata
 columns. Images with the same content are indexed once; undecodable ones are skipped and listed.
+`--from-embeddings DIR` builds from what `clipkit embed` wrote to DIR instead, without embedding again.
+The index type follows the collection's size and --max-memory (flat, HNSW, IVF-Flat, OPQ + IVF-PQ, or an
+IVF index memory-mapped from disk), and its search setting is tuned to --target-recall recall@10 against
+exact search; index.json records the measured recall and latency.
 The index folder holds a FAISS index, an SQLite metadata table and index.json (which records the model);
 every write goes to temporary files renamed at the end, so an interrupted build or add changes nothing.
 """
@@ -18,18 +22,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     build = actions.add_parser("build", help="embed a collection and write a new index", description=__doc__)
     build.add_argument(
-        "--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture"
+        "--model",
+        help="run dir, exported dir, local-dir:PATH, config or architecture (with --from-embeddings: optional, "
+        "checked against the embeddings' model)",
     )
-    build.add_argument(
-        "--images",
-        required=True,
-        metavar="SOURCE",
-        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
+    inputs = build.add_mutually_exclusive_group(required=True)
+    inputs.add_argument(
+        "--images", metavar="SOURCE", help="image folder, shards, or a table (CSV, JSONL, Parquet)"
     )
+    inputs.add_argument("--from-embeddings", metavar="DIR", help="embeddings written by `clipkit embed`")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     build.add_argument(
-        "--index", choices=("flat", "hnsw", "ivf"), default="flat",
-        help="flat: exact inner product (default); hnsw / ivf: approximate, for large collections",
+        "--index", choices=("auto", "flat", "hnsw", "ivf", "ivfpq"), default="auto",
+        help="auto: chosen for the collection's size and --max-memory (default); flat: exact; "
+        "hnsw / ivf / ivfpq: approximate",
+    )  # fmt: skip
+    build.add_argument(
+        "--max-memory", default="8GiB", metavar="SIZE", help="memory the index may take (default: 8GiB)"
+    )
+    build.add_argument(
+        "--target-recall", type=float, default=0.95,
+        help="recall@10 against exact search that efSearch / nprobe are tuned to (default: 0.95)",
     )  # fmt: skip
     build.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
     _common(build)
@@ -79,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU feature probing is noise
 
-    from clipkit.retrieval import add_to_index, build_index
+    from clipkit.errors import ClipkitError
+    from clipkit.retrieval import add_to_index, build_index, build_index_from_embeddings
 
     common = {
         "pretrained": args.pretrained,
@@ -91,12 +105,30 @@ def run(args: argparse.Namespace) -> int:
         "caption_column": args.caption_column,
         "progress": not args.no_progress and sys.stderr.isatty(),
     }
-    if args.action == "build":
+    if args.action == "build" and args.from_embeddings:
+        report = build_index_from_embeddings(
+            args.from_embeddings, args.out, model=args.model, pretrained=args.pretrained, kind=args.index,
+            max_memory=args.max_memory, target_recall=args.target_recall, overwrite=args.overwrite,
+        )  # fmt: skip
+    elif args.action == "build":
+        if args.model is None:
+            raise ClipkitError("--model is required with --images (it embeds them)")
         report = build_index(
-            args.images, args.out, model=args.model, kind=args.index, overwrite=args.overwrite, **common
-        )
+            args.images, args.out, model=args.model, kind=args.index, max_memory=args.max_memory,
+            target_recall=args.target_recall, overwrite=args.overwrite, **common,
+        )  # fmt: skip
     else:
         report = add_to_index(args.index, args.images, model=args.model, **common)
+    from clipkit.retrieval import read_manifest
+
+    manifest = read_manifest(report.index_dir)
+    tuning = manifest.get("tuning", {})
+    if "recall_at_10" in tuning:
+        searched = {k: v for k, v in manifest["params"].items() if k in ("ef_search", "nprobe")}
+        print(
+            f"{manifest['kind']} index {searched or ''}: recall@10 {tuning['recall_at_10']:.3f} against exact search "
+            f"(target {tuning['target_recall']}), {tuning['latency_ms']['p50']:.2f} ms per query (p50)"
+        )
     skipped = f", {len(report.skipped)} undecodable skipped" if report.skipped else ""
     print(
         f"{report.index_dir}: {report.count} images ({report.added} added, "

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
+    "embed": ("clipkit.cli.embed", "embed a collection into clip-retrieval's layout (also under accelerate launch)"),
     "serve": ("clipkit.cli.serve", "serve a search index over HTTP (API, search page, metrics)"),
     "merge": ("clipkit.cli.merge", "interpolate two models in weight space (WiSE-FT)"),
 }

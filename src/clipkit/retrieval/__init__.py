@@ -15,6 +15,7 @@ _LAZY = {
     "IndexReport": "clipkit.retrieval.builder",
     "add_to_index": "clipkit.retrieval.builder",
     "build_index": "clipkit.retrieval.builder",
+    "build_index_from_embeddings": "clipkit.retrieval.builder",
     "load_encoder": "clipkit.retrieval.builder",
     "open_index": "clipkit.retrieval.builder",
     "Encoder": "clipkit.retrieval.encoder",

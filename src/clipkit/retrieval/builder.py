@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +18,14 @@ from clipkit.models import ModelBundle, build_model, warn_if_random_weights
 from clipkit.models.sources import LOCAL_DIR_PREFIX
 from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
+from clipkit.retrieval.index_choice import (
+    DEFAULT_MAX_MEMORY,
+    choose_index,
+    params_for,
+    parse_memory,
+    tune_search,
+)
+from clipkit.retrieval.parts import read_job, row_uri
 from clipkit.retrieval.sources import ImageItem, list_image_items
 from clipkit.retrieval.store import (
     INDEX_KINDS,
@@ -23,7 +33,6 @@ from clipkit.retrieval.store import (
     IndexTransaction,
     RetrievalIndex,
     create_vector_index,
-    default_index_params,
     is_index_dir,
     read_manifest,
     writer_files,
@@ -70,7 +79,9 @@ def build_index(
     *,
     model: ModelSpec,
     pretrained: str | Path | None = None,
-    kind: str = "flat",
+    kind: str = "auto",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
+    target_recall: float = 0.95,
     batch_size: int = 64,
     workers: int = 0,
     device: str = "cpu",
@@ -82,11 +93,12 @@ def build_index(
 ) -> IndexReport:
     """Embed every image `source` names and write an index to `out_dir` (see `clipkit.retrieval.store`).
 
-    `kind` is "flat" (exact inner product), "hnsw" or "ivf" (approximate, for large collections).
-    Images with the same content are indexed once.
+    `kind` is "auto" (chosen for the collection's size and `max_memory`, see `clipkit.retrieval.index_choice`),
+    "flat" (exact inner product), "hnsw", "ivf" or "ivfpq" (approximate, for large collections); the search
+    setting of an approximate index is tuned to `target_recall` recall@10. Images with the same content are
+    indexed once.
     """
-    if kind not in INDEX_KINDS:
-        raise ClipkitError(f"--index {kind} is not one of {', '.join(INDEX_KINDS)}")
+    _check_index_options(kind, target_recall)
     out_dir = Path(out_dir)
     _check_build_target(out_dir, overwrite=overwrite)
     items = list_image_items(source, image_column=image_column, caption_column=caption_column)
@@ -100,15 +112,13 @@ def build_index(
             db.close()
         if report.added == 0:
             raise ClipkitError(f"none of the {len(items)} image(s) in {source} could be read and decoded")
-        params = default_index_params(kind, report.added)
-        faiss.write_index(
-            create_vector_index(kind, encoder.embed_dim, vectors, params), str(transaction.staged_vectors)
+        chosen = write_vector_index(
+            transaction, vectors, kind=kind, max_memory=max_memory, target_recall=target_recall
         )
         now = _now()
         transaction.commit(
             {
-                "kind": kind,
-                "params": params,
+                **chosen,
                 "dim": encoder.embed_dim,
                 "count": report.added,
                 "model": identity,
@@ -157,8 +167,12 @@ def add_to_index(
         if report.added == 0:
             return report  # nothing new: the committed index stays as it is
         vector_index = faiss.read_index(str(index_dir / manifest["vectors_file"]))
-        vector_index.add(vectors)
-        faiss.write_index(vector_index, str(transaction.staged_vectors))
+        retrained = _outgrown_clusters(manifest, report.count)
+        if retrained:
+            manifest = {**manifest, **_retrain(transaction, vector_index, vectors, manifest)}
+        else:
+            vector_index.add(vectors)
+            faiss.write_index(vector_index, str(transaction.staged_vectors))
         now = _now()
         transaction.commit(
             {
@@ -173,6 +187,172 @@ def add_to_index(
             }
         )
     return report
+
+
+def build_index_from_embeddings(
+    embeddings_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model: ModelSpec | None = None,
+    pretrained: str | Path | None = None,
+    kind: str = "auto",
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
+    target_recall: float = 0.95,
+    overwrite: bool = False,
+) -> IndexReport:
+    """An index of the parts `clipkit embed` wrote to `embeddings_dir`, without embedding anything again.
+
+    The index records the model the embeddings name; `model`, if given, must be that model (it is loaded
+    only to check its fingerprint). Images with the same content are indexed once.
+    """
+    _check_index_options(kind, target_recall)
+    out_dir = Path(out_dir)
+    job = read_job(embeddings_dir)
+    if not job.complete:
+        raise ClipkitError(
+            f"{embeddings_dir} is an unfinished `clipkit embed` job; rerun the same command to finish it first"
+        )
+    identity = job.manifest["model"]
+    if model is not None:
+        load_index_model({"model": identity}, Path(embeddings_dir), model=model, pretrained=pretrained,
+                         device="cpu", precision="fp32")  # fmt: skip
+    _check_build_target(out_dir, overwrite=overwrite)
+    report = IndexReport(index_dir=out_dir, count=0, added=0, duplicates=0)
+    report.skipped = [tuple(entry) for entry in job.manifest.get("skipped", [])]
+    with IndexTransaction(out_dir) as transaction:
+        db = transaction.open_staged_metadata(fresh=True)
+        vectors = []
+        try:
+            known: set[str] = set()
+            for part_vectors, rows, _ in job.iter_parts():
+                keep, records = [], []
+                for i, row in enumerate(rows):
+                    if row["sha256"] in known:
+                        report.duplicates += 1
+                        continue
+                    known.add(row["sha256"])
+                    records.append(_record_from_row(report.added + len(records), row).to_row())
+                    keep.append(i)
+                db.executemany(f"INSERT INTO images VALUES ({','.join('?' * 11)})", records)
+                vectors.append(np.ascontiguousarray(part_vectors[keep], dtype=np.float32))  # (n, D)
+                report.added += len(records)
+            db.commit()
+        finally:
+            db.close()
+        if report.added == 0:
+            raise ClipkitError(f"{embeddings_dir} holds no embeddings (every image was skipped)")
+        stacked = np.concatenate(vectors)  # (N, D)
+        del vectors
+        chosen = write_vector_index(
+            transaction, stacked, kind=kind, max_memory=max_memory, target_recall=target_recall
+        )
+        now = _now()
+        source = job.manifest["source"]
+        transaction.commit(
+            {
+                **chosen,
+                "dim": int(job.manifest["dim"]),
+                "count": report.added,
+                "model": identity,
+                "created_at": now,
+                "updated_at": now,
+                "sources": [
+                    {**_source_entry(source, report, now), "embeddings": str(Path(embeddings_dir).resolve())}
+                ],
+            }
+        )
+    report.count = report.added
+    return report
+
+
+def write_vector_index(
+    transaction: IndexTransaction,
+    vectors: np.ndarray,
+    *,
+    kind: str,
+    max_memory: str | int,
+    target_recall: float,
+) -> dict[str, Any]:
+    """Choose, build, tune and stage the FAISS index of `vectors` (N, D); the manifest entries that describe it:
+    kind, params (build settings and the tuned efSearch / nprobe) and tuning (measured recall and latency)."""
+    count, dim = vectors.shape
+    budget = parse_memory(max_memory)
+    if kind == "auto":
+        choice = choose_index(count, dim, max_memory=budget)
+        kind, params = choice.kind, dict(choice.params)
+        log.info("index: %s %s for %d vectors of %d within %s (about %.1f MB)", kind, params, count, dim,
+                 max_memory, choice.estimated_bytes / 1e6)  # fmt: skip
+    else:
+        params = params_for(kind, count, dim)
+    started = time.perf_counter()
+    index = create_vector_index(kind, dim, vectors, params)
+    build_seconds = time.perf_counter() - started
+    searched, tuning = tune_search(index, kind, vectors, target_recall=target_recall)
+    params.update(searched)
+    tuning["build_seconds"] = round(build_seconds, 2)
+    faiss.write_index(index, str(transaction.staged_vectors))
+    tuning["index_bytes"] = transaction.staged_vectors.stat().st_size
+    return {"kind": kind, "params": params, "tuning": tuning}
+
+
+def _outgrown_clusters(manifest: dict[str, Any], new_count: int) -> bool:
+    """An IVF index's clusters were sized for the count it was trained on (about 4 sqrt(N)); once the
+    collection is 4 times that, twice as many clusters are due and each list is 4 times as long."""
+    if manifest["kind"] not in ("ivf", "ivfpq"):
+        return False
+    trained_on = manifest["params"].get("trained_on", manifest["count"])
+    return new_count >= 4 * trained_on
+
+
+def _retrain(
+    transaction: IndexTransaction,
+    vector_index: faiss.Index,
+    new_vectors: np.ndarray,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Rebuild an outgrown IVF index with clusters for its new size, from its stored vectors and `new_vectors`."""
+    if manifest["kind"] == "ivfpq":
+        # Its stored codes are lossy: retraining from them would compound the loss.
+        log.warning(
+            "%s has grown to 4x the collection its clusters were trained on, but an ivfpq index keeps only "
+            "compressed vectors; rebuild it with `clipkit index build --from-embeddings` to retrain",
+            transaction.index_dir,
+        )
+        vector_index.add(new_vectors)
+        faiss.write_index(vector_index, str(transaction.staged_vectors))
+        return {}
+    faiss.extract_index_ivf(vector_index).make_direct_map()
+    stored = vector_index.reconstruct_n(0, vector_index.ntotal)  # (N_old, D), exact for IVF-Flat
+    vectors = np.concatenate([stored, new_vectors])
+    target = manifest.get("tuning", {}).get("target_recall", 0.95)
+    log.info("retraining %s: %d vectors outgrew clusters trained on %d", transaction.index_dir, len(vectors),
+             manifest["params"].get("trained_on", manifest["count"]))  # fmt: skip
+    chosen = write_vector_index(transaction, vectors, kind="ivf", max_memory=0, target_recall=target)
+    chosen["params"]["mmap"] = manifest["params"].get("mmap", False)
+    return chosen
+
+
+def _record_from_row(image_id: int, row: dict[str, Any]) -> ImageRecord:
+    return ImageRecord(
+        id=image_id,
+        uri=row_uri(row),
+        path=row["image_path"],
+        offset=row["offset"],
+        length=row["length"],
+        sha256=row["sha256"],
+        media_type=row["media_type"],
+        width=row["width"],
+        height=row["height"],
+        caption=row["caption"],
+        metadata=json.loads(row["metadata"]),
+    )
+
+
+def _check_index_options(kind: str, target_recall: float) -> None:
+    if kind != "auto" and kind not in INDEX_KINDS:
+        raise ClipkitError(f"--index {kind} is not one of auto, {', '.join(INDEX_KINDS)}")
+    if not 0 < target_recall <= 1:
+        raise ClipkitError(f"--target-recall must be in (0, 1], got {target_recall}")
 
 
 def open_index(

@@ -41,7 +41,7 @@ from clipkit.errors import ClipkitError
 MANIFEST_NAME = "index.json"
 FORMAT_NAME = "clipkit-retrieval-index"
 FORMAT_VERSION = 1
-INDEX_KINDS = ("flat", "hnsw", "ivf")
+INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".tmp-"
 _DATA_FILE = re.compile(r"^(vectors\.\d+\.faiss|metadata\.\d+\.sqlite)$")
@@ -140,6 +140,23 @@ def create_vector_index(kind: str, dim: int, vectors: np.ndarray, params: dict[s
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
+    elif kind == "ivfpq":
+        if len(vectors) < 256:
+            raise ClipkitError(
+                f"an ivfpq index needs at least 256 images to train its codes, got {len(vectors)}; "
+                "use --index auto"
+            )
+        # OPQ rotates the vectors so that the PQ sub-vectors carry equal information (autofaiss's choice).
+        code = params["pq"]
+        index = faiss.index_factory(
+            dim, f"OPQ{code}_{dim},IVF{params['nlist']},PQ{code}x8", faiss.METRIC_INNER_PRODUCT
+        )
+        # FAISS's default 50 rotation rounds take minutes on a few cores for little recall; 10 get most of it.
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = 10
+        # Polysemous training (for Hamming-distance filtering, which searches here never use) is most of the
+        # training time.
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        index.train(vectors)
     else:
         raise ClipkitError(f"index kind '{kind}' is not one of {', '.join(INDEX_KINDS)}")
     if len(vectors):
@@ -148,14 +165,14 @@ def create_vector_index(kind: str, dim: int, vectors: np.ndarray, params: dict[s
 
 
 def apply_search_params(index: faiss.Index, kind: str, params: dict[str, Any]) -> None:
-    if kind == "hnsw":
+    if kind == "hnsw" and "ef_search" in params:
         index.hnsw.efSearch = params["ef_search"]
-    elif kind == "ivf":
-        index.nprobe = params["nprobe"]
+    elif kind in ("ivf", "ivfpq") and "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = params["nprobe"]  # ivfpq: inside the OPQ pre-transform
 
 
 def _check_search_params(kind: str, params: dict[str, int]) -> dict[str, int]:
-    tunable = {"hnsw": ("ef_search",), "ivf": ("nprobe",)}.get(kind, ())
+    tunable = {"hnsw": ("ef_search",), "ivf": ("nprobe",), "ivfpq": ("nprobe",)}.get(kind, ())
     for key, value in params.items():
         if key not in tunable:
             settable = f"only {tunable[0]}" if tunable else "nothing"
@@ -219,7 +236,9 @@ class RetrievalIndex:
         self.dim: int = int(self.manifest["dim"])
         self.search_overrides = _check_search_params(self.kind, search_params or {})  # what the caller set
         self.params = {**self.manifest.get("params", {}), **self.search_overrides}
-        self.vectors = faiss.read_index(str(self.index_dir / self.manifest["vectors_file"]))
+        # An index built larger than its memory budget is paged in from disk as searches touch it.
+        flags = faiss.IO_FLAG_MMAP if self.params.get("mmap") else 0
+        self.vectors = faiss.read_index(str(self.index_dir / self.manifest["vectors_file"]), flags)
         apply_search_params(self.vectors, self.kind, self.params)
         # Committed data files never change, so SQLite may skip locking (immutable=1).
         uri = (self.index_dir / self.manifest["metadata_file"]).resolve().as_uri() + "?mode=ro&immutable=1"
@@ -270,8 +289,8 @@ class RetrievalIndex:
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         """The stored vector of one image (D,)."""
-        if isinstance(self.vectors, faiss.IndexIVF):
-            self.vectors.make_direct_map()
+        if self.kind in ("ivf", "ivfpq"):
+            faiss.extract_index_ivf(self.vectors).make_direct_map()
         return self.vectors.reconstruct(int(image_id))
 
     @property

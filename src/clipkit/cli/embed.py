@@ -1,0 +1,101 @@
+"""Embed a collection's images into clip-retrieval's layout: DIR/img_emb/img_emb_NNNN.npy and
+DIR/metadata/metadata_NNNN.parquet in pairs, row for row, plus DIR/embeddings.json (model, dimension, counts).
+
+Runs in one process, or across processes, GPUs and machines with the same arguments under
+`accelerate launch -m clipkit.embed`: the source is cut into parts of --part-size images and each process
+embeds its share, so every image is embedded once. Each part is written under a temporary name and renamed;
+rerunning a stopped job finishes only the parts that are missing. Build an index from the result with
+`clipkit index build --from-embeddings DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="run dir, exported dir, local-dir:PATH, config or architecture"
+    )
+    parser.add_argument(
+        "--pretrained", help="weights (.safetensors / .pt) for an architecture or config MODEL"
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, shards, or a table (CSV, JSONL, Parquet)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the embeddings (resumes a job there)"
+    )
+    parser.add_argument(
+        "--part-size",
+        type=int,
+        default=10_000,
+        help="images per img_emb / metadata file pair (default: 10000)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="decoding processes per process (0: none)",
+    )
+    parser.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
+    )
+    parser.add_argument(
+        "--image-column", default="image", help="table column with image paths (default: image)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="table column with captions (default: caption)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from accelerate import PartialState
+
+    from clipkit.retrieval import load_encoder
+    from clipkit.retrieval.embed_job import embed_collection
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import torch
+
+    # One process without a launcher; rank and world size under one. Without cpu=True, Accelerate under
+    # torchrun on a GPU-less machine reports one process.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = args.device or str(state.device)
+    encoder, identity = load_encoder(
+        args.model, pretrained=args.pretrained, device=device, precision=args.precision
+    )
+    report = embed_collection(
+        args.images,
+        args.out,
+        encoder=encoder,
+        identity=identity,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        barrier=state.wait_for_everyone,
+        part_size=args.part_size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    if state.is_main_process:
+        skipped = f", {len(report.skipped)} undecodable skipped (listed in {args.out}/embeddings.json)"
+        print(
+            f"{report.out_dir}: {report.images} images embedded in {report.parts} part(s)"
+            f"{skipped if report.skipped else ''}; this process did {report.parts_done_here} part(s) at "
+            f"{report.images_per_second:.1f} images/s; index them with: "
+            f"clipkit index build --from-embeddings {report.out_dir} --out INDEX_DIR"
+        )
+    return 0
