@@ -546,8 +546,14 @@ def _set_tf32(config: TrainConfig, device: torch.device) -> None:
     """TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs (train.tf32)."""
     if device.type != "cuda":
         return
-    torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    torch.backends.cudnn.allow_tf32 = config.tf32
+    # One API family with clipkit.losses.precision: torch >= 2.9 refuses to read a setting back after
+    # writes through both `fp32_precision` and `allow_tf32`.
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if config.tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if config.tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
     if config.tf32 and config.precision == "fp32" and torch.cuda.get_device_capability(device)[0] >= 8:
         log.info("train.tf32: float32 matmuls run on TF32 tensor cores (train.tf32=false turns this off)")
 
