@@ -340,7 +340,9 @@ def child_in_memory(spec: dict) -> None:
                 trainer, sample, start=plan.start_batch, limit=plan.max_batch, deadline=deadline
             )
             emit({"batch_size": size, "search": probes})
-            few = tile(sample, 2)
+            # The model itself, called directly, takes the normalised float images the trainer makes of the
+            # stream's uint8 ones (train.uint8_images); Trainer.step normalises by itself.
+            few = trainer.to_device(*tile(sample, 2))
             emit({"flops_per_sample": forward_flops_per_sample(trainer.unwrapped, *few)})
             emit({"attention_ops": attention_ops(trainer.unwrapped, *few)})
             emit({"feature_dtype": feature_dtype(trainer.unwrapped, *few)})

@@ -357,7 +357,7 @@ class Trainer:
         else the loss as a 0-d device tensor.
         """
         log_step = self._is_log_step(self.state.step + 1)
-        micro_batches = [self._to_device(images, tokens) for images, tokens in micro_batches]
+        micro_batches = [self.to_device(images, tokens) for images, tokens in micro_batches]
         self.model.train()
         no_sync = gradient_sync_off if self.sharding else self.accelerator.no_sync
         loss = contrastive_backward(
@@ -387,7 +387,8 @@ class Trainer:
             return {"loss": loss}
         return {"loss": loss.item(), "grad_norm": math.nan if grad_norm is None else grad_norm.item()}
 
-    def _to_device(self, images: torch.Tensor, tokens: torch.Tensor):
+    def to_device(self, images: torch.Tensor, tokens: torch.Tensor):
+        """A batch as the data stream gives it -> on the training device, images normalised as the model takes them."""
         device = self.accelerator.device
         # non_blocking: from pinned memory (CUDA) the copy overlaps the previous step's work.
         images = images.to(device, non_blocking=True)  # uint8 (B, 3, H, W) with train.uint8_images
