@@ -11,7 +11,8 @@ rerunning a stopped job finishes only the parts that are missing. Build an index
 from __future__ import annotations
 
 import argparse
-import os
+
+from clipkit.cli.index import add_encoding_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,24 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10_000,
         help="images per img_emb / metadata file pair (default: 10000)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="decoding processes per process (0: none)",
-    )
-    parser.add_argument("--device", default=None, help="default: this process's accelerator, else cpu")
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
-    )
-    parser.add_argument(
-        "--image-column", default="image", help="table column with image paths (default: image)"
-    )
-    parser.add_argument(
-        "--caption-column", default="caption", help="table column with captions (default: caption)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_encoding_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -64,14 +64,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--pretrained",
         help="weights for an architecture or config MODEL: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
+    add_encoding_options(parser)
+
+
+def add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    """How images are read and embedded: shared by `clipkit index build/add` and `clipkit embed`."""
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument(
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="decoding processes (0: decode in this one)",
+        help="decoding processes per process (0: decode in the process itself)",
     )
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU when there is one, else cpu)"
+    )
     parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
     )
