@@ -91,6 +91,20 @@ def test_batches_are_the_same_global_batches_with_the_same_pixels_for_any_layout
     assert not all(torch.equal(first[0], first[i]) for i in range(1, 8))
 
 
+def test_the_same_shards_at_another_path_give_the_same_batches_and_pixels(tmp_path):
+    # A cluster mounts the data at another path on each node, or a job copies it to local disk first:
+    # the run (order and augmentation) must not change with where the shards live.
+    write_shards(tmp_path / "a", num_shards=3, per_shard=16)
+    (tmp_path / "elsewhere").mkdir()
+    os.rename(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    moved = take(make_stream(str(tmp_path / "elsewhere" / "b"), batch_size=8, workers=2, seed=3), 6)
+    os.rename(tmp_path / "elsewhere" / "b", tmp_path / "a")
+    original = take(make_stream(str(tmp_path / "a"), batch_size=8, workers=2, seed=3), 6)
+    for (keys, images, tokens), (moved_keys, moved_images, moved_tokens) in zip(original, moved, strict=True):
+        assert keys == moved_keys
+        assert torch.equal(images, moved_images) and torch.equal(tokens, moved_tokens)
+
+
 @pytest.mark.parametrize(
     "layout",
     [

@@ -60,9 +60,13 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
     return image, caption
 
 
-def seed_sample_rngs(seed: int, epoch: int, url: str, key: str) -> None:
-    """Seed the RNGs torchvision / open_clip transforms draw from, for this sample alone."""
-    sample_seed = stable_seed(seed, epoch, url, key)
+def seed_sample_rngs(seed: int, epoch: int, source: int, shard: int, key: str) -> None:
+    """Seed the RNGs torchvision / open_clip transforms draw from, for this sample alone.
+
+    The shard is named by its position in its source's list, not by its URL: the same shards mounted at
+    another path (another node, a copy on local disk) give the same augmentation.
+    """
+    sample_seed = stable_seed(seed, epoch, source, shard, key)
     # The CPU generator directly: torch.manual_seed also seeds every accelerator, ~100x slower.
     torch.default_generator.manual_seed(sample_seed)
     random.seed(sample_seed)
@@ -96,6 +100,7 @@ class _SourceReader:
         on_shard_error: Callable[[str, str | None, str], None],
     ):
         self.urls = urls
+        self.shard_index = {url: i for i, url in enumerate(urls)}
         self.source_index = source_index
         self.reader = reader
         self.num_readers = num_readers
@@ -290,7 +295,7 @@ class _BatchProducer(torch.utils.data.IterableDataset):
                             ) from None
                         continue
                     last_good_epoch[source] = epoch
-                    seed_sample_rngs(self.seed, epoch, url, key)
+                    seed_sample_rngs(self.seed, epoch, source, readers[source].shard_index[url], key)
                     images.append(self.transform(image))
                     captions.append(caption)
                     keys.append(f"{url}#{key}")
