@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
@@ -20,7 +21,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Generated datasets and cached classifiers go to a temporary directory, never the user's ~/.cache.
-os.environ.setdefault("CLIPKIT_CACHE", tempfile.mkdtemp(prefix="clipkit-test-cache-"))
+if "CLIPKIT_CACHE" not in os.environ:
+    os.environ["CLIPKIT_CACHE"] = tempfile.mkdtemp(prefix="clipkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CLIPKIT_CACHE"], ignore_errors=True)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

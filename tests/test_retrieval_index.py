@@ -317,6 +317,9 @@ def start_index_command(tmp_path, *argv):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal, even when the tests run from a shell's background job (which ignores
+        # SIGINT, and a child Python started with SIGINT ignored keeps ignoring it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
