@@ -372,10 +372,12 @@ def bench_scale(args, work: Path) -> dict:
     )
     del built
     held_out, _ = grow_embeddings(work / "embeddings-2", 1000, seed=1)  # image-like queries, never indexed
-    text_queries = encode_captions(model)
-    vector_search = bench_vector_search(
-        work / "index", vectors, {"text captions": text_queries, "held-out image embeddings": held_out}, args
-    )
+    query_sets = {
+        "text captions": encode_captions(model),
+        "other phrasings": encode_captions(model, OTHER_PHRASINGS),  # not in the collection, not tuned on
+        "held-out image embeddings": held_out,
+    }
+    vector_search = bench_vector_search(work / "index", vectors, query_sets, args)
     del vectors
     end_to_end = bench_end_to_end(work / "index", args)
     return {
@@ -428,7 +430,7 @@ def write_augmented_digits(folder: Path, count: int) -> Path:
     """`count` PNGs of the digits (shifted, inked and noised at random), named LABEL_NNNNN.png, with a caption."""
     from PIL import Image
 
-    from clipkit.data.digits import CLASSNAMES, load_digits_arrays
+    from clipkit.data.digits import CAPTION_TEMPLATES, CLASSNAMES, load_digits_arrays
 
     digits, labels = load_digits_arrays()
     rng = np.random.default_rng(0)
@@ -439,7 +441,8 @@ def write_augmented_digits(folder: Path, count: int) -> Path:
         ink = np.clip(ink * rng.uniform(0.6, 1.0) + rng.normal(0, 0.05, ink.shape), 0, 1)
         image = Image.fromarray((255 * (1 - ink)).astype(np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)
         image.convert("RGB").save(folder / f"{labels[j]}_{i:05d}.png")
-        (folder / f"{labels[j]}_{i:05d}.txt").write_text(f"a handwritten {CLASSNAMES[labels[j]]}.")
+        template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]  # as the digits dataset does
+        (folder / f"{labels[j]}_{i:05d}.txt").write_text(template.format(name=CLASSNAMES[labels[j]], numeral=labels[j]))
     return folder
 
 
@@ -513,12 +516,18 @@ def write_grown_parts(source: Path, out: Path, vectors: np.ndarray, grown: list)
                     "embedded": len(vectors), "skipped": [], "source": "grown from " + str(source)})  # fmt: skip
 
 
-def encode_captions(model: Path) -> np.ndarray:
+OTHER_PHRASINGS = ("a photo of the number {name}", "{name}", "the digit {numeral}", "a drawing of a {name}",
+                   "number {numeral}")  # fmt: skip
+
+
+def encode_captions(model: Path, templates=None) -> np.ndarray:
+    """The 50 digit captions (the collection's own, which the index tunes on), or other `templates`."""
     from clipkit.data.digits import CAPTION_TEMPLATES, CLASSNAMES
     from clipkit.retrieval import load_encoder
 
     encoder, _ = load_encoder(model)
-    texts = [t.format(name=name, numeral=i) for t in CAPTION_TEMPLATES for i, name in enumerate(CLASSNAMES)]
+    texts = [t.format(name=name, numeral=i) for t in templates or CAPTION_TEMPLATES
+             for i, name in enumerate(CLASSNAMES)]  # fmt: skip
     return encoder.encode_texts(texts)  # (Q, D)
 
 
@@ -539,6 +548,21 @@ def bench_vector_search(index_dir: Path, vectors: np.ndarray, query_sets: dict, 
         recall[name] = round(
             float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, truth, strict=True)])), 4
         )
+    ladder = []  # recall and one-client latency at other search settings than the tuned one
+    if index.kind == "hnsw":
+        truths = {name: exact.search(q, 10)[1] for name, q in query_sets.items()}
+        tuned = index.vectors.hnsw.efSearch
+        for ef in (32, 64, 128, 256, 512, 1024, 1536):
+            index.vectors.hnsw.efSearch = ef
+            row = {"ef_search": ef}
+            for name, q in query_sets.items():
+                found = index.search(q, 10)[1]
+                row[name] = round(float(np.mean([len(set(a) & set(e)) / 10
+                                                 for a, e in zip(found, truths[name], strict=True)])), 4)  # fmt: skip
+            row.update(concurrent_searches(index, np.concatenate(list(query_sets.values())), 1, 300))
+            ladder.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        index.vectors.hnsw.efSearch = tuned
     del exact
     queries = np.concatenate(list(query_sets.values()))
     levels = []
@@ -552,7 +576,7 @@ def bench_vector_search(index_dir: Path, vectors: np.ndarray, query_sets: dict, 
             print(json.dumps(levels[-1]), file=sys.stderr)
     faiss.omp_set_num_threads(default_threads)
     index.close()
-    return {"recall_at_10": recall, "levels": levels}
+    return {"recall_at_10": recall, "ef_search_ladder": ladder, "levels": levels}
 
 
 def concurrent_searches(index, queries: np.ndarray, clients: int, total: int) -> dict:

@@ -283,6 +283,48 @@ def test_tuning_picks_the_smallest_setting_that_reaches_the_target_recall(kind):
     assert [value for value, _ in record["tried"]] == [s for s in steps if s <= searched[name]]
 
 
+def test_tuning_queries_are_the_collections_captions_encoded_by_its_model(model_dir, tmp_path):
+    from clipkit.retrieval import load_encoder
+
+    captioned, bare = tmp_path / "captioned", tmp_path / "bare"
+    for folder in (captioned, bare):
+        folder.mkdir()
+    for i, image in enumerate(make_images(60, seed=21)):
+        (captioned / f"img{i:03d}.png").write_bytes(encode(image, "png"))
+        (captioned / f"img{i:03d}.txt").write_text(f"photo number {i % 30}")  # 30 distinct captions
+        (bare / f"img{i:03d}.png").write_bytes(encode(image, "png"))
+    build_index(captioned, tmp_path / "idx", model=model_dir, kind="hnsw")
+    tuning = read_manifest(tmp_path / "idx")["tuning"]
+    by_queries = tuning["recall_at_10_by_queries"]
+    assert set(by_queries) == {"indexed, held out", "30 captions of the collection, encoded by its model"}
+
+    # The recorded caption recall is the recall of those captions, encoded by the model, against float64
+    # brute force over the indexed vectors, at the tuned setting.
+    encoder, _ = load_encoder(model_dir)
+    queries = encoder.encode_texts([f"photo number {i}" for i in range(30)]).astype(np.float64)  # (30, D)
+    index = RetrievalIndex(tmp_path / "idx")
+    try:
+        vectors = np.stack([index.reconstruct(i) for i in range(index.count)]).astype(np.float64)  # (60, D)
+        exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+        found = index.search(queries.astype(np.float32), 10)[1]
+    finally:
+        index.close()
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+    assert by_queries["30 captions of the collection, encoded by its model"] == pytest.approx(recall, abs=0.0034)
+
+    # From embeddings, the model the embeddings name encodes the captions; without captions, the stand-in.
+    assert run_clipkit("embed", "--model", str(model_dir), "--images", str(captioned), "--out",
+                       str(tmp_path / "emb")).returncode == 0  # fmt: skip
+    built = run_clipkit("index", "build", "--from-embeddings", str(tmp_path / "emb"), "--out",
+                        str(tmp_path / "from_emb"), "--index", "hnsw")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert read_manifest(tmp_path / "from_emb")["tuning"]["recall_at_10_by_queries"] == by_queries
+    build_index(bare, tmp_path / "bare_idx", model=model_dir, kind="hnsw")
+    assert set(read_manifest(tmp_path / "bare_idx")["tuning"]["recall_at_10_by_queries"]) == {
+        "indexed, held out", "70 degrees off the collection"
+    }
+
+
 def test_an_ivf_index_is_retrained_when_appends_outgrow_its_clusters(model_dir, tmp_path):
     write_images(tmp_path / "first", 40, seed=5, bad=False)
     write_images(tmp_path / "more", 130, seed=6, bad=False)

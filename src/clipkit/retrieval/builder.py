@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder, model_fingerprint
 from clipkit.retrieval.index_choice import (
     DEFAULT_MAX_MEMORY,
+    caption_queries,
     choose_index,
     params_for,
     parse_memory,
@@ -41,6 +43,7 @@ from clipkit.retrieval.store import (
 log = logging.getLogger(__name__)
 
 ModelSpec = str | Path | ModelBundle
+MAX_CAPTIONS_KEPT = 100_000  # distinct captions an index build keeps for its tuning queries
 
 
 @dataclass(kw_only=True)
@@ -113,8 +116,9 @@ def build_index(
         if report.added == 0:
             raise ClipkitError(f"none of the {len(items)} image(s) in {source} could be read and decoded")
         chosen = write_vector_index(
-            transaction, vectors, kind=kind, max_memory=max_memory, target_recall=target_recall
-        )
+            transaction, vectors, kind=kind, max_memory=max_memory, target_recall=target_recall,
+            captions=[item.caption for item in items], encoder=encoder,
+        )  # fmt: skip
         now = _now()
         transaction.commit(
             {
@@ -169,7 +173,8 @@ def add_to_index(
         vector_index = faiss.read_index(str(index_dir / manifest["vectors_file"]))
         retrained = _outgrown_clusters(manifest, report.count)
         if retrained:
-            manifest = {**manifest, **_retrain(transaction, vector_index, vectors, manifest)}
+            captions = [item.caption for item in items]
+            manifest = {**manifest, **_retrain(transaction, vector_index, vectors, manifest, captions, encoder)}
         else:
             vector_index.add(vectors)
             faiss.write_index(vector_index, str(transaction.staged_vectors))
@@ -214,8 +219,10 @@ def build_index_from_embeddings(
         )
     identity = job.manifest["model"]
     if model is not None:
-        load_index_model({"model": identity}, Path(embeddings_dir), model=model, pretrained=pretrained,
-                         device="cpu", precision="fp32")  # fmt: skip
+        encoder, _ = load_index_model({"model": identity}, Path(embeddings_dir), model=model,
+                                      pretrained=pretrained, device="cpu", precision="fp32")  # fmt: skip
+    else:
+        encoder = _recorded_encoder(identity, Path(embeddings_dir))
     _check_build_target(out_dir, overwrite=overwrite)
     report = IndexReport(index_dir=out_dir, count=0, added=0, duplicates=0)
     report.skipped = [tuple(entry) for entry in job.manifest.get("skipped", [])]
@@ -224,6 +231,7 @@ def build_index_from_embeddings(
         vectors = []
         try:
             known: set[str] = set()
+            captions: set[str] = set()  # distinct, for the tuning queries (bounded: a sample is enough)
             for part_vectors, rows, _ in job.iter_parts():
                 keep, records = [], []
                 for i, row in enumerate(rows):
@@ -231,6 +239,8 @@ def build_index_from_embeddings(
                         report.duplicates += 1
                         continue
                     known.add(row["sha256"])
+                    if len(captions) < MAX_CAPTIONS_KEPT and row.get("caption"):
+                        captions.add(row["caption"])
                     records.append(_record_from_row(report.added + len(records), row).to_row())
                     keep.append(i)
                 db.executemany(f"INSERT INTO images VALUES ({','.join('?' * 11)})", records)
@@ -244,8 +254,9 @@ def build_index_from_embeddings(
         stacked = np.concatenate(vectors)  # (N, D)
         del vectors
         chosen = write_vector_index(
-            transaction, stacked, kind=kind, max_memory=max_memory, target_recall=target_recall
-        )
+            transaction, stacked, kind=kind, max_memory=max_memory, target_recall=target_recall,
+            captions=captions, encoder=encoder,
+        )  # fmt: skip
         now = _now()
         source = job.manifest["source"]
         transaction.commit(
@@ -272,9 +283,13 @@ def write_vector_index(
     kind: str,
     max_memory: str | int,
     target_recall: float,
+    captions: Iterable[str] = (),
+    encoder: Encoder | None = None,
 ) -> dict[str, Any]:
     """Choose, build, tune and stage the FAISS index of `vectors` (N, D); the manifest entries that describe it:
-    kind, params (build settings and the tuned efSearch / nprobe) and tuning (measured recall and latency)."""
+    kind, params (build settings and the tuned efSearch / nprobe) and tuning (measured recall and latency).
+    The search setting is tuned on the collection's `captions` encoded by `encoder` (its model) as text
+    queries, when there are enough of them (see `tune_search`)."""
     count, dim = vectors.shape
     budget = parse_memory(max_memory)
     if kind == "auto":
@@ -287,7 +302,10 @@ def write_vector_index(
     started = time.perf_counter()
     index = create_vector_index(kind, dim, vectors, params)
     build_seconds = time.perf_counter() - started
-    searched, tuning = tune_search(index, kind, vectors, target_recall=target_recall)
+    text_queries = None
+    if encoder is not None and kind not in ("flat",):
+        text_queries = caption_queries(encoder, captions)
+    searched, tuning = tune_search(index, kind, vectors, target_recall=target_recall, text_queries=text_queries)
     params.update(searched)
     tuning["build_seconds"] = round(build_seconds, 2)
     faiss.write_index(index, str(transaction.staged_vectors))
@@ -309,6 +327,8 @@ def _retrain(
     vector_index: faiss.Index,
     new_vectors: np.ndarray,
     manifest: dict[str, Any],
+    captions: Iterable[str],
+    encoder: Encoder,
 ) -> dict[str, Any]:
     """Rebuild an outgrown IVF index with clusters for its new size, from its stored vectors and `new_vectors`."""
     if manifest["kind"] == "ivfpq":
@@ -327,7 +347,8 @@ def _retrain(
     target = manifest.get("tuning", {}).get("target_recall", 0.95)
     log.info("retraining %s: %d vectors outgrew clusters trained on %d", transaction.index_dir, len(vectors),
              manifest["params"].get("trained_on", manifest["count"]))  # fmt: skip
-    chosen = write_vector_index(transaction, vectors, kind="ivf", max_memory=0, target_recall=target)
+    chosen = write_vector_index(transaction, vectors, kind="ivf", max_memory=0, target_recall=target,
+                                captions=captions, encoder=encoder)  # fmt: skip
     chosen["params"]["mmap"] = manifest["params"].get("mmap", False)
     return chosen
 
@@ -382,6 +403,20 @@ def open_index(
         index.close()
         raise
     return index, encoder
+
+
+def _recorded_encoder(identity: dict[str, Any], embeddings_dir: Path) -> Encoder | None:
+    """The model embeddings were made with, from where they say it lives, to encode tuning queries; None (the
+    tuning then goes without text queries) when it cannot be loaded as it was."""
+    if identity.get("source") is None:
+        return None
+    try:
+        encoder, _ = load_index_model({"model": identity}, embeddings_dir, model=None, pretrained=None,
+                                      device="cpu", precision="fp32")  # fmt: skip
+    except ClipkitError as e:
+        log.info("tuning without text queries: the embeddings' model did not load (%s)", e)
+        return None
+    return encoder
 
 
 def load_index_model(
