@@ -1,5 +1,5 @@
-"""Multi-process training on CPU (gloo): FSDP2 against DDP, accumulation, per-process randomness, resume
-across process counts, and the launch configs clipkit refuses.
+"""Multi-process training on CPU (gloo): FSDP2 against DDP (EMA and WiSE-FT included), accumulation,
+per-process randomness, exact resume across process counts, and the launch configs clipkit refuses.
 
 The 2-process runs are slow on a small machine, so runs are shared between assertions (module fixtures)
 and kept to the tiny model, a few steps, no data workers.
@@ -45,19 +45,37 @@ COMMON = (
 # The issue's setting: accumulation over 2 micro-batches, half the patches dropped.
 ACCUM_PD = ("data.batch_size=8", "train.accum_steps=2", "+model.vision_cfg.patch_dropout=0.5")
 NO_EVAL = ("data.zeroshot_dataset=null", "data.val_shards=null")
+# Fine-tuning features every FSDP-vs-DDP run carries: an EMA (low decay, so 6 steps move it well away from
+# both the start and the last weights) and, on CLIP, WiSE-FT.
+EMA = ("train.ema_decay=0.7",)
+WISE_FT = ("train.wise_ft_alpha=0.5",)
 
 
-def train(out: Path, *overrides: str, processes: str | None = "cpu-2proc", cwd: Path | None = None) -> str:
-    """Run `[accelerate launch --config_file conf/accelerate/PROCESSES.yaml] -m clipkit.train` to the end."""
+def clip_run(steps: int) -> tuple[str, ...]:
+    """The settings of the CLIP runs below (FSDP2 and DDP), up to `steps`."""
+    return ("loss=clip", f"train.steps={steps}", *ACCUM_PD, *EMA, *WISE_FT)
+
+
+def train(
+    out: Path,
+    *overrides: str,
+    processes: str | None = "cpu-2proc",
+    num_processes: int | None = None,
+    cwd: Path | None = None,
+) -> str:
+    """Run `[accelerate launch --config_file conf/accelerate/PROCESSES.yaml [--num_processes N]] -m
+    clipkit.train` to the end."""
     launch = [sys.executable, "-m", "clipkit.train"]
     if processes is not None:
         config = ACCELERATE / f"{processes}.yaml"
+        count = [] if num_processes is None else ["--num_processes", str(num_processes)]
         launch = [
             sys.executable,
             "-m",
             "accelerate.commands.launch",
             "--config_file",
             str(config),
+            *count,
             "-m",
             "clipkit.train",
         ]
@@ -73,8 +91,8 @@ def train(out: Path, *overrides: str, processes: str | None = "cpu-2proc", cwd: 
     return result.stdout + result.stderr
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "open_clip_model.safetensors"))
+def weights(out: Path, model_dir: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(out / model_dir / "open_clip_model.safetensors"))
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -87,27 +105,68 @@ def records(out: Path) -> list[dict]:
 
 
 def eval_metrics(out: Path) -> dict[str, float]:
-    last = [r for r in records(out) if any("/" in k for k in r)][-1]
-    return {k: v for k, v in last.items() if "/" in k}
+    """The final evaluations (with an EMA: raw/*, the EMA's, wise_ft/*), merged."""
+    evals = [r for r in records(out) if any("/" in k for k in r)]
+    return {k: v for r in evals if r["step"] == evals[-1]["step"] for k, v in r.items() if "/" in k}
+
+
+def saved_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint holds that must come back exactly, as whole tensors: under FSDP the
+    torch.distributed.checkpoint directory (model.*, optimizer.*, ema.*) read in this one process, under
+    DDP Accelerate's model and optimizer files and the EMA file."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from clipkit.models.sharded import SafeFileSystemReader
+
+    state: dict[str, torch.Tensor] = {}
+    if (checkpoint / "sharded").is_dir():
+        reader = SafeFileSystemReader(str(checkpoint / "sharded"))
+        for name, meta in reader.read_metadata().state_dict_metadata.items():
+            if isinstance(meta, TensorStorageMetadata):
+                state[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    else:
+        state.update({f"model.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()})
+        state.update({f"ema.{k}": v for k, v in load_file(str(checkpoint / "ema.safetensors")).items()})
+        optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+        for index, values in optimizer["state"].items():
+            state.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
+    return state
+
+
+def assert_same_state(resaved: Path, saved: Path) -> None:
+    """`resaved` (the checkpoint a resumed run wrote before its first step) holds exactly `saved`."""
+    mine, theirs = saved_state(resaved), saved_state(saved)
+    assert mine.keys() == theirs.keys()
+    assert any(k.startswith("ema.") for k in mine) and any(k.endswith("exp_avg_sq") for k in mine)
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    scheduler = [torch.load(c / "scheduler.bin", weights_only=True) for c in (resaved, saved)]
+    assert scheduler[0] == scheduler[1] and scheduler[0]["last_epoch"] == 3
 
 
 # SigLIP runs also cover SHARD_GRAD_OP, gradient clipping (a global norm over shards), gradient
 # checkpointing and evaluation in the middle of training.
 EXTRA = {
     "clip": (),
-    "siglip": ("optim.grad_clip_norm=1.0", "train.grad_checkpointing=true", "train.eval_every=3"),
+    "siglip": ("optim.grad_clip_norm=1.0", "train.grad_checkpointing=true", "train.eval_every=3", *EMA),
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """FSDP2 and DDP, 2 processes each, CLIP and SigLIP, 6 steps, same data and seed."""
+    """FSDP2 and DDP, 2 processes each, CLIP and SigLIP, 6 steps, same data and seed, with an EMA (and, on
+    CLIP, WiSE-FT)."""
     root = tmp_path_factory.mktemp("fsdp_vs_ddp")
     outs = {}
     for loss in ("clip", "siglip"):
         for name, processes in (("fsdp", "cpu-fsdp"), ("ddp", "cpu-2proc")):
             out = root / f"{name}-{loss}"
-            overrides = [f"loss={loss}", "train.steps=6", *ACCUM_PD, *EXTRA[loss]]
+            if loss == "clip":
+                overrides = list(clip_run(6))
+            else:
+                overrides = [f"loss={loss}", "train.steps=6", *ACCUM_PD, *EXTRA[loss]]
             if name == "fsdp" and loss == "siglip":
                 overrides.append("train.sharding=grad_op")
             log = train(out, *overrides, processes=processes)
@@ -123,7 +182,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_fsdp_trains_the_same_weights_and_metrics_as_ddp(runs, loss):
     fsdp, ddp = runs[f"fsdp-{loss}"], runs[f"ddp-{loss}"]
     assert (fsdp / "checkpoints" / "step_00000006" / "sharded" / ".metadata").is_file()  # it did shard
-    assert max_diff(weights(fsdp), weights(ddp)) <= 1e-5
+    # model/ is the EMA (sharded like the parameters under FSDP), model-raw/ the optimizer's last weights.
+    for model_dir in ("model", "model-raw", *(["model-wise-ft"] if loss == "clip" else [])):
+        assert max_diff(weights(fsdp, model_dir), weights(ddp, model_dir)) <= 1e-5, model_dir
+    assert max_diff(weights(fsdp), weights(fsdp, "model-raw")) > 1e-3  # the EMA is not the last weights
     losses = [r["loss"] for r in records(fsdp) if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in records(ddp) if "loss" in r], abs=1e-5)
     assert len(losses) == 6
@@ -134,6 +196,8 @@ def test_fsdp_trains_the_same_weights_and_metrics_as_ddp(runs, loss):
     assert [r["step"] for r in fsdp_evals] == ([3, 6] if loss == "siglip" else [6])
     fsdp_metrics, ddp_metrics = eval_metrics(fsdp), eval_metrics(ddp)
     assert "zeroshot/acc1" in fsdp_metrics and "retrieval/text_retrieval_recall@1" in fsdp_metrics
+    assert "raw/zeroshot/acc1" in fsdp_metrics
+    assert ("wise_ft/zeroshot/acc1" in fsdp_metrics) is (loss == "clip")
     assert fsdp_metrics == pytest.approx(ddp_metrics, abs=1e-6)
     # The export loads in open_clip and holds the trained weights.
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fsdp / 'model'}")
@@ -149,17 +213,19 @@ def test_clipkit_export_reads_a_sharded_checkpoint(runs, tmp_path):
     fsdp = runs["fsdp-clip"]
     result = run_clipkit("export", str(fsdp / "checkpoints" / "step_00000006"), "--out", str(tmp_path / "x"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert max_diff(weights(fsdp), load_file(str(tmp_path / "x" / "open_clip_model.safetensors"))) == 0.0
+    exported = load_file(str(tmp_path / "x" / "open_clip_model.safetensors"))
+    assert max_diff(weights(fsdp, "model-raw"), exported) == 0.0  # the trained weights, not the EMA
     open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'x'}")
 
 
 @pytest.mark.slow
 def test_fsdp_stop_and_resume_equals_the_uninterrupted_run(runs, tmp_path):
     out = tmp_path / "resumed"
-    train(out, "loss=clip", "train.steps=3", *ACCUM_PD, *NO_EVAL, processes="cpu-fsdp")
-    log = train(out, "loss=clip", "train.steps=6", *ACCUM_PD, processes="cpu-fsdp")
+    train(out, *clip_run(3), *NO_EVAL, processes="cpu-fsdp")
+    log = train(out, *clip_run(6), processes="cpu-fsdp")
     assert "resumed from" in log and "step_00000003" in log
-    assert max_diff(weights(out), weights(runs["fsdp-clip"])) <= 1e-6
+    for model_dir in ("model", "model-raw"):  # the EMA came back from the sharded checkpoint too
+        assert max_diff(weights(out, model_dir), weights(runs["fsdp-clip"], model_dir)) <= 1e-6, model_dir
 
 
 @pytest.mark.slow
@@ -171,7 +237,7 @@ def test_accumulation_with_patch_dropout_equals_one_batch_of_twice_the_size(runs
     assert [r["loss"] for r in records(out) if "loss" in r] == pytest.approx(accumulated, abs=1e-6)
     # Summation order differs (two matmuls of 8 vs one of 16); AdamW at lr 1e-3 divides tiny gradients by
     # their own size, so the weights carry ~1e-5 of that. Other masks than the first pass's give ~1e-2.
-    assert max_diff(weights(out), weights(runs["ddp-clip"])) <= 5e-5
+    assert max_diff(weights(out), weights(runs["ddp-clip"], "model-raw")) <= 5e-5
 
 
 @pytest.mark.slow
@@ -213,6 +279,45 @@ def test_resume_on_another_number_of_processes_finishes(tmp_path, first, then):
     steps = [r["step"] for r in records(out) if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert (out / "model" / "open_clip_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_exactly_on_one_process_and_back_on_two(runs, tmp_path):
+    """2 -> 1 -> 2 processes under FSDP2: each resume at step 3 writes back exactly the state the
+    2-process run saved (model, AdamW moments, EMA, scheduler), then a 1-process run trains on."""
+    source = runs["fsdp-clip"] / "checkpoints" / "step_00000003"
+    one = tmp_path / "one"
+    # train.steps=3: the resumed run takes no step, so its checkpoint and exports are what it restored.
+    train(one, *clip_run(3), f"train.resume={source}", *NO_EVAL, processes="cpu-fsdp", num_processes=1)
+    assert_same_state(one / "checkpoints" / "step_00000003", source)
+    saved = saved_state(source)
+    for model_dir, prefix in (("model-raw", "model."), ("model", "ema.")):
+        for name, value in weights(one, model_dir).items():  # the logit scale: 0-d here, (1,) sharded
+            assert torch.equal(value.flatten(), saved[prefix + name].flatten()), (model_dir, name)
+
+    two = tmp_path / "two"
+    resume = one / "checkpoints" / "step_00000003"
+    train(two, *clip_run(3), f"train.resume={resume}", *NO_EVAL, processes="cpu-fsdp")
+    assert_same_state(two / "checkpoints" / "step_00000003", source)
+
+    # One more step on one process, SHARD_GRAD_OP: the restored EMA is updated with the new weights.
+    log = train(one, *clip_run(4), "train.sharding=grad_op", *NO_EVAL, processes="cpu-fsdp", num_processes=1)
+    assert "FSDP2 SHARD_GRAD_OP" in log and "resumed from" in log
+    assert [r["step"] for r in records(one) if "loss" in r] == [4]
+    raw, ema = weights(one, "model-raw"), weights(one)
+    for name, value in raw.items():
+        expected = 0.7 * saved["ema." + name].reshape(value.shape) + 0.3 * value
+        assert torch.allclose(ema[name], expected, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_with_ema_resumes_exactly_on_one_process_and_back_on_two(runs, tmp_path):
+    source = runs["ddp-clip"] / "checkpoints" / "step_00000003"
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, *clip_run(3), f"train.resume={source}", *NO_EVAL, processes=None)
+    assert_same_state(one / "checkpoints" / "step_00000003", source)
+    train(two, *clip_run(3), f"train.resume={one / 'checkpoints' / 'step_00000003'}", *NO_EVAL)
+    assert_same_state(two / "checkpoints" / "step_00000003", source)
 
 
 def test_deepspeed_is_refused_at_start_pointing_to_shard_grad_op(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_ema_equals_a_float64_reference_and_survives_a_resume(tmp_path, monkeypa
     assert (
         max((exported[k].double() - last[k]).abs().max().item() for k in last) > 1e-3
     )  # not the raw weights
-    assert (out / "checkpoints" / "step_00000006" / "ema_0.safetensors").is_file()
+    assert (out / "checkpoints" / "step_00000006" / "ema.safetensors").is_file()
     raw = load_file(str(out / "model-raw" / "open_clip_model.safetensors"))
     assert all(torch.equal(raw[k], last[k].float()) for k in last)  # the optimizer's own final weights
 

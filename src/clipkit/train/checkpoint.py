@@ -5,7 +5,9 @@ scheduler, loss scaler, every process's RNG; FSDP / DeepSpeed aware, read back w
 `open_clip_config.json` (so `clipkit export` and `build_model` read it as a model directory) and
 `trainer_state.json` (step, counters, each process's data-stream position), written last.
 Under FSDP, model and optimizer are not Accelerate's: every process writes its shards to `sharded/`
-(torch.distributed.checkpoint, tensors only), which any number of processes can read back.
+(torch.distributed.checkpoint, tensors only; the EMA's shards too), which any number of processes can
+read back. Accelerate's part is per-run (scheduler, scaler) or per-process (RNG states: a process without
+its own file keeps its seeded state), so a checkpoint resumes on another number of processes.
 """
 
 from __future__ import annotations
@@ -65,11 +67,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     open_clip_config: dict[str, Any],
     keep: int,
-    sharded: tuple[Any, Any] | None = None,
+    sharded: tuple[Any, Any, dict] | None = None,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save on every process (Accelerate writes per-process RNG states); the main process renames and prunes.
-    `write_extra(directory)` runs on every process before the checkpoint is marked complete (e.g. the EMA)."""
+    `sharded` = (model, optimizer, extra tensors) under FSDP. `write_extra(directory)` runs on every process
+    before the checkpoint is marked complete (e.g. the EMA under DDP)."""
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     staging = root / f".tmp-step_{step:08d}"
@@ -81,8 +84,8 @@ def save_checkpoint(
     if sharded is not None:
         from clipkit.train.sharding import save_sharded
 
-        model, optimizer = sharded
-        save_sharded(model, optimizer, staging / SHARDED_STATE_DIR)
+        model, optimizer, extra = sharded
+        save_sharded(model, optimizer, staging / SHARDED_STATE_DIR, extra)
     if write_extra is not None:
         write_extra(staging)
     accelerator.wait_for_everyone()
@@ -99,10 +102,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator, checkpoint: Path, *, sharded: tuple[Any, Any] | None = None
+    accelerator, checkpoint: Path, *, sharded: tuple[Any, Any, dict] | None = None
 ) -> dict[str, Any]:
-    """Restore Accelerate's state into the prepared objects (and, under FSDP, the model and optimizer
-    shards into `sharded`); return the trainer state."""
+    """Restore Accelerate's state into the prepared objects (and, under FSDP, the model, optimizer and extra
+    tensors of `sharded`, re-split for this run's processes); return the trainer state."""
     trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     saved_sharded = bool(trainer_state.get("sharded", False))
     if saved_sharded != (sharded is not None):
@@ -115,8 +118,8 @@ def load_checkpoint(
     if sharded is not None:
         from clipkit.train.sharding import load_sharded
 
-        model, optimizer = sharded
-        load_sharded(model, optimizer, checkpoint / SHARDED_STATE_DIR)
+        model, optimizer, extra = sharded
+        load_sharded(model, optimizer, checkpoint / SHARDED_STATE_DIR, extra)
     return trainer_state
 
 

@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from tqdm.auto import tqdm
 
 from clipkit.data import DataConfig, TrainStream, prepare_data
@@ -39,6 +38,7 @@ from clipkit.train.sharding import (
     full_state_dict,
     full_value,
     gradient_sync_off,
+    load_full_state_dict,
     resolve_sharding,
     shard_model,
     stop_accelerate_from_sharding,
@@ -165,11 +165,6 @@ class Trainer:
                     "train.precision=fp16 is not supported with FSDP (its loss scaler is per process); "
                     "use train.precision=bf16"
                 )
-            for key in ("ema_decay", "wise_ft_alpha"):
-                if getattr(self.train_cfg, key) is not None:
-                    raise ClipkitError(
-                        f"train.{key} is not supported with FSDP yet; set train.{key}=null or train with DDP"
-                    )
             stop_accelerate_from_sharding()
         return sharding
 
@@ -210,17 +205,15 @@ class Trainer:
         checkpoint = resolve_resume(self.train_cfg.resume, self.output_dir)
         if checkpoint is None:
             return
-        saved = load_checkpoint(
-            self.accelerator, checkpoint, sharded=(self.model, self.optimizer) if self.sharding else None
-        )
+        saved = load_checkpoint(self.accelerator, checkpoint, sharded=self._sharded_state())
         if self.sharding is not None:
             # The sharded checkpoint holds optimizer tensors, not param_groups: the learning rate the
             # restored schedule is at goes back into the groups (Accelerate's optimizer file does this
             # under DDP). Without it the first resumed step would use the rate of step 0.
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
-        if self.ema is not None:
-            self.ema.load(checkpoint, self.accelerator.process_index)
+        if self.ema is not None and self.sharding is None:  # under FSDP it came with the model's shards
+            self.ema.load(checkpoint)
         self.state = RunState(**saved["run"])
         data_states = saved["data"]
         rank = self.accelerator.process_index
@@ -293,9 +286,10 @@ class Trainer:
     def _wise_ft(self) -> dict[str, Any]:
         """Evaluate and export (1 - alpha) * start + alpha * final weights beside the model."""
         merged = wise_ft_state_dict(self.output_dir, self.train_cfg.wise_ft_alpha)
-        set_model_state_dict(
-            self.unwrapped, merged, options=StateDictOptions(full_state_dict=True, strict=True)
-        )
+        if self.sharding is None:
+            self.unwrapped.load_state_dict(merged, strict=True)
+        else:  # every process read the whole merge from disk and keeps its shards of it
+            load_full_state_dict(self.model, merged)
         metrics = {f"wise_ft/{k}": v for k, v in self.evaluate(prefix="wise_ft/").items()}
         exported = self._export(self.output_dir / WISE_FT_MODEL_DIR)
         if self.accelerator.is_main_process:
@@ -473,12 +467,20 @@ class Trainer:
             },
             open_clip_config=open_clip_config,
             keep=self.train_cfg.keep_checkpoints,
-            sharded=(self.model, self.optimizer) if self.sharding else None,
-            write_extra=None if self.ema is None else self._save_ema,
+            sharded=self._sharded_state(),
+            write_extra=self._save_ema if self.ema is not None and self.sharding is None else None,
         )
 
+    def _sharded_state(self) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict] | None:
+        """Under FSDP: what every process saves and loads through torch.distributed.checkpoint."""
+        if self.sharding is None:
+            return None
+        return self.model, self.optimizer, {} if self.ema is None else self.ema.sharded_state()
+
     def _save_ema(self, directory: Path) -> None:
-        self.ema.save(directory, self.accelerator.process_index)
+        """DDP: every process holds the same average; one writes it."""
+        if self.accelerator.is_main_process:
+            self.ema.save(directory)
 
     def evaluate(self, prefix: str = "") -> dict[str, Any]:
         """Evaluate the model as it is now; metrics are logged with `prefix` and returned without it."""

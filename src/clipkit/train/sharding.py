@@ -15,8 +15,10 @@ What FSDP changes for the loop, and where it is handled:
   reshard the root in the middle of `forward`, which calls them.)
 - gradient norms are DTensors whose `full_tensor()` is the global norm over all shards;
 - accumulation turns gradient reduction off with `set_requires_gradient_sync` (DDP's `no_sync`);
-- checkpoints are torch.distributed.checkpoint directories of the shards (`save_sharded`), readable on
-  any number of processes; the exported model is the full state dict, gathered on all ranks.
+- checkpoints are torch.distributed.checkpoint directories of the shards (`save_sharded`: model,
+  optimizer and the EMA's shards), readable on any number of processes, one included (`accelerate launch
+  --config_file conf/accelerate/cpu-fsdp.yaml --num_processes 1` still starts a process group); the
+  exported model is the full state dict, gathered on all ranks.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ def shard_model(model: torch.nn.Module, sharding: Sharding, device: torch.device
 
     if not torch.distributed.is_initialized():
         raise ClipkitError(
-            "FSDP needs a multi-process launch: `accelerate launch --config_file conf/accelerate/fsdp.yaml "
-            "-m clipkit.train ...` (or cpu-fsdp.yaml on a machine without GPUs)"
+            "FSDP needs a process group: `accelerate launch --config_file conf/accelerate/fsdp.yaml "
+            "-m clipkit.train ...` (cpu-fsdp.yaml on a machine without GPUs; `--num_processes 1` for one)"
         )
     model.to(device)
     # fully_shard splits parameters along dim 0 and refuses 0-d ones: the logit scale and bias become
@@ -195,26 +197,58 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # -- sharded checkpoints ------------------------------------------------------------------------------
 
 
-def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Every rank writes its shards of the model and the optimizer state (tensors only) to `directory`."""
+def save_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Every rank writes its shards of the model, the optimizer state (tensors only) and `extra` (sharded
+    like the parameters, e.g. the EMA's `ema.*`) to `directory`."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_flat_state(model, optimizer)[0], checkpoint_id=str(directory))
+    dcp.save({**_flat_state(model, optimizer)[0], **(extra or {})}, checkpoint_id=str(directory))
 
 
-def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Fill the model and optimizer from `directory`, re-split for this run's number of processes."""
+def load_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Fill the model, the optimizer and the tensors of `extra` (in place) from `directory`, re-split for
+    this run's number of processes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    saved = SafeFileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    for key in extra or {}:
+        if key not in saved:
+            raise ClipkitError(
+                f"{directory.parent} holds no {key}: it was saved without the setting that keeps it "
+                "(train.ema_decay); resume with the settings the run started with, or start a new output_dir"
+            )
     flat, optimizer_state = _flat_state(model, optimizer)
-    dcp.load(flat, storage_reader=SafeFileSystemReader(str(directory)))
+    dcp.load({**flat, **(extra or {})}, storage_reader=SafeFileSystemReader(str(directory)))
     model_state = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
     for fqn, values in optimizer_state["state"].items():
         for key in values:
             values[key] = flat[f"{OPTIMIZER_PREFIX}{fqn}.{key}"]
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, optimizer_state)
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a whole (open_clip-layout) state dict, present on every rank, into the sharded model: each rank
+    keeps its shards. The 0-d logit parameters become the 1-element vectors `shard_model` made of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = dict(state)
+    for name in _LOGIT_PARAMS:
+        param = getattr(model, name, None)
+        if name in state and param is not None and state[name].ndim == 0:
+            state[name] = state[name].reshape(param.shape)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def _flat_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
