@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -125,7 +126,9 @@ def saved_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         for name, meta in reader.read_metadata().state_dict_metadata.items():
             if isinstance(meta, TensorStorageMetadata):
                 state[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
     else:
         state.update({f"model.{k}": v for k, v in load_file(str(checkpoint / "model.safetensors")).items()})
         state.update({f"ema.{k}": v for k, v in load_file(str(checkpoint / "ema.safetensors")).items()})
