@@ -65,20 +65,16 @@ class WeightEMA:
         if not path.is_file() and (directory / _OLD_EMA_FILE_NAME).is_file():
             path = directory / _OLD_EMA_FILE_NAME
         if not path.is_file():
-            raise ClipkitError(missing_ema_message(directory))
+            raise ClipkitError(
+                f"{directory} holds no EMA: it was saved without train.ema_decay; resume with the same "
+                "train.ema_decay the run started with, or start a new output_dir"
+            )
         saved = safetensors.torch.load_file(str(path))
         if sorted(saved) != sorted(self.names):
             raise ClipkitError(f"{path} holds the EMA of another model; start a new output_dir")
         with torch.no_grad():
             for name, average in zip(self.names, self.shadow, strict=True):
                 average.copy_(saved[name])
-
-
-def missing_ema_message(checkpoint: Path) -> str:
-    return (
-        f"{checkpoint} holds no EMA: it was saved without train.ema_decay; resume with the same "
-        "train.ema_decay the run started with, or start a new output_dir"
-    )
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
