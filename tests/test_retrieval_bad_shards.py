@@ -133,7 +133,7 @@ def test_a_missing_shard_or_a_wholly_damaged_source_is_a_one_line_error(collecti
         list_images(tmp_path / "bad")
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"{tmp_path / 'bad'} holds no readable images: 2 damaged shard(s), e.g. "
+    assert message.startswith(f"{tmp_path / 'bad'} holds no readable images; 2 damaged shard(s), the first "
                               f"{tmp_path / 'bad' / 'a.tar'}: damaged shard skipped whole")  # fmt: skip
 
 
@@ -151,7 +151,9 @@ def intact_embeddings(collection):
 SAME_COLUMNS = ("key", "shard", "offset", "length", "sha256", "media_type", "width", "height", "caption")
 
 
-def test_clipkit_embed_embeds_the_intact_samples_and_lists_the_damaged_shards(collection, intact_embeddings):
+def test_clipkit_embed_embeds_the_intact_samples_and_lists_the_damaged_shards(
+    collection, intact_embeddings, capsys
+):
     root = collection["root"]
     out = root / "damaged_emb"
     result = run_clipkit("embed", "--model", str(collection["model_dir"]), "--images", str(root / "damaged"),
@@ -173,6 +175,10 @@ def test_clipkit_embed_embeds_the_intact_samples_and_lists_the_damaged_shards(co
             ) in result.stdout  # fmt: skip
     for shard, reason in expected_skipped(root):
         assert f"{shard}: {reason}; re-copy it from its source" in result.stderr
+
+    # An index built from these embeddings reports the same skipped shards.
+    assert main(["index", "build", "--from-embeddings", str(out), "--out", str(root / "from_emb")]) == 0
+    assert "21 images (21 added, 0 already indexed, 4 damaged shard(s) (re-copy" in capsys.readouterr().out
 
 
 def test_clipkit_index_build_indexes_the_intact_samples_and_add_takes_the_recopied_rest(

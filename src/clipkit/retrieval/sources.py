@@ -107,7 +107,7 @@ def list_images(
     if not items and skipped:
         shard, reason = skipped[0]
         raise ClipkitError(
-            f"{text} holds no readable images: {len(skipped)} damaged shard(s), e.g. {shard}: {reason}; "
+            f"{text} holds no readable images; {len(skipped)} damaged shard(s), the first {shard}: {reason}; "
             "re-copy them from their source"
         )
     if not items:
@@ -118,7 +118,7 @@ def list_images(
 def warn_damaged_shards(listing: ImageListing) -> None:
     """One warning line per damaged shard, naming it and the fix."""
     for shard, reason in listing.skipped:
-        log.warning("%s: %s; re-copy it from its source to include the rest of its images", shard, reason)
+        log.warning("%s: %s; re-copy it from its source to include the images left out", shard, reason)
 
 
 def _folder_items(root: Path) -> list[ImageItem]:
