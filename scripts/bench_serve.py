@@ -575,8 +575,49 @@ def bench_vector_search(index_dir: Path, vectors: np.ndarray, query_sets: dict, 
             levels.append({"faiss_threads": threads, "clients": clients, **searched})
             print(json.dumps(levels[-1]), file=sys.stderr)
     faiss.omp_set_num_threads(default_threads)
+    batched = []
+    for clients in args.clients_scale:
+        batched.append({"clients": clients, **asyncio.run(micro_batched_searches(index, queries, clients,
+                                                                                 args.scale_searches))})  # fmt: skip
+        print(json.dumps({"micro_batched": batched[-1]}), file=sys.stderr)
     index.close()
-    return {"recall_at_10": recall, "ef_search_ladder": ladder, "levels": levels}
+    return {"recall_at_10": recall, "ef_search_ladder": ladder, "levels": levels, "micro_batched": batched}
+
+
+async def micro_batched_searches(index, queries: np.ndarray, clients: int, total: int) -> dict:
+    """Vector search as `clipkit serve` runs it: N clients (coroutines) submit one query each to the server's
+    MicroBatcher (its default settings), which makes one FAISS call per batch in an executor thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipkit.serve import ServeConfig
+    from clipkit.serve.batching import MicroBatcher
+
+    config, sizes = ServeConfig(), []
+    executor = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(lambda rows: list(index.search(np.stack(rows), 10)[1]), executor=executor,
+                           max_batch=config.max_batch, max_wait_s=config.batch_wait_ms / 1000,
+                           max_queue=max(config.max_queue, clients), on_batch=sizes.append)  # fmt: skip
+    batcher.start()
+    per_client = max(1, total // clients)
+
+    async def client(seed: int) -> list[float]:
+        rng = np.random.default_rng(seed)
+        times = []
+        for _ in range(per_client):
+            start = time.perf_counter()
+            await batcher.submit(queries[rng.integers(len(queries))])
+            times.append(time.perf_counter() - start)
+        return times
+
+    started = time.perf_counter()
+    times = [t for ts in await asyncio.gather(*(client(i) for i in range(clients))) for t in ts]
+    elapsed = time.perf_counter() - started
+    await batcher.stop()
+    executor.shutdown()
+    p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
+    return {"searches": len(times), "searches_per_s": round(len(times) / elapsed, 1),
+            "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
+            "mean_batch": round(float(np.mean(sizes)), 2) if sizes else None}  # fmt: skip
 
 
 def concurrent_searches(index, queries: np.ndarray, clients: int, total: int) -> dict:

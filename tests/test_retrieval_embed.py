@@ -24,7 +24,7 @@ from clipkit.retrieval import (
     add_to_index,
     build_index,
     build_index_from_embeddings,
-    list_image_items,
+    list_images,
     open_index,
     read_manifest,
 )
@@ -76,7 +76,7 @@ def reference_embeddings(model_dir: Path, source: Path) -> dict[str, np.ndarray]
     bundle = build_model(model_dir)
     model = bundle.model.eval()
     out = {}
-    for item in list_image_items(source):
+    for item in list_images(source).items:
         try:
             image = Image.open(item.path).convert("RGB")
         except Exception:

@@ -24,7 +24,7 @@ from clipkit.retrieval import (
     RetrievalIndex,
     add_to_index,
     build_index,
-    list_image_items,
+    list_images,
     open_index,
     read_item_bytes,
     read_manifest,
@@ -76,7 +76,7 @@ def test_every_source_kind_lists_its_images_with_readable_bytes(tmp_path):
     images = make_images(7, seed=1)
     folder_paths = write_folder(tmp_path / "folder", images, captions=[f"caption {i}" for i in range(7)])
     (tmp_path / "folder" / "notes.md").write_text("not an image")
-    items = list_image_items(tmp_path / "folder")
+    items = list_images(tmp_path / "folder").items
     assert [item.uri for item in items] == sorted(
         p.relative_to(tmp_path / "folder").as_posix() for p in folder_paths
     )
@@ -103,7 +103,9 @@ def test_every_source_kind_lists_its_images_with_readable_bytes(tmp_path):
         str(tmp_path / "shards" / "{000..001}.tar"),
         str(tmp_path / "shards" / "*.tar"),
     ):
-        items = list_image_items(source)
+        listing = list_images(source)
+        assert listing.skipped == []
+        items = listing.items
         assert [item.uri for item in items] == [f"00{i // 4}.tar#s{i:04d}" for i in range(7)]
         for item, sample in zip(items, samples, strict=True):
             assert read_item_bytes(item.path, item.offset, item.length) == sample["jpg"]
@@ -120,7 +122,7 @@ def test_every_source_kind_lists_its_images_with_readable_bytes(tmp_path):
         "".join(json.dumps({**r, "rating": i}) + "\n" for i, r in enumerate(rows))
     )
     for table, extra in (("table.csv", {}), ("table.jsonl", {"rating": 0})):
-        items = list_image_items(tmp_path / table)
+        items = list_images(tmp_path / table).items
         assert [item.uri for item in items] == [r["image"] for r in rows]
         assert (
             read_item_bytes(items[0].path, items[0].offset, items[0].length) == folder_paths[0].read_bytes()
@@ -239,7 +241,7 @@ def test_undecodable_images_are_skipped_and_reported(model_dir, tmp_path, capsys
                  "--out", str(tmp_path / "index"), "--workers", "0"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "3 images (3 added, 0 already indexed, 1 undecodable skipped)" in captured.out
+    assert "3 images (3 added, 0 already indexed, 1 undecodable image(s) skipped)" in captured.out
     assert read_manifest(tmp_path / "index")["sources"][0]["skipped"] == 1
 
 

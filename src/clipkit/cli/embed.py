@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipkit.cli.index import add_encoding_options
+from clipkit.cli.index import add_encoding_options, describe_skipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     if state.is_main_process:
-        skipped = f", {len(report.skipped)} undecodable skipped (listed in {args.out}/embeddings.json)"
+        skipped = describe_skipped(report.skipped, listed_in=f"{report.out_dir}/embeddings.json")
         print(
             f"{report.out_dir}: {report.images} images embedded in {report.parts} part(s)"
-            f"{skipped if report.skipped else ''}; this process did {report.parts_done_here} part(s) at "
+            f"{skipped}; this process did {report.parts_done_here} part(s) at "
             f"{report.images_per_second:.1f} images/s; index them with: "
             f"clipkit index build --from-embeddings {report.out_dir} --out INDEX_DIR"
         )

@@ -3,7 +3,8 @@
 SOURCE is a folder of images (searched recursively; IMAGE.txt beside an image is its caption),
 webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} pattern), or a CSV / TSV /
 JSONL / Parquet table with an image path column (paths relative to the table) and optional caption and metadata
-columns. Images with the same content are indexed once; undecodable ones are skipped and listed.
+columns. Images with the same content are indexed once; undecodable ones are skipped and listed, and so is a
+damaged shard (truncated or corrupt), whose samples before the damage are kept.
 `--from-embeddings DIR` builds from what `clipkit embed` wrote to DIR instead, without embedding again.
 The index type follows the collection's size and --max-memory (flat, HNSW, IVF-Flat, OPQ + IVF-PQ, or an
 IVF index memory-mapped from disk), and its search setting is tuned to --target-recall recall@10 against
@@ -136,9 +137,26 @@ def run(args: argparse.Namespace) -> int:
             f"{manifest['kind']} index {searched or ''}: recall@10 {tuning['recall_at_10']:.3f} against exact search "
             f"(target {tuning['target_recall']}), {tuning['latency_ms']['p50']:.2f} ms per query (p50)"
         )
-    skipped = f", {len(report.skipped)} undecodable skipped" if report.skipped else ""
     print(
         f"{report.index_dir}: {report.count} images ({report.added} added, "
-        f"{report.duplicates} already indexed{skipped}); serve it with: clipkit serve --index {report.index_dir}"
+        f"{report.duplicates} already indexed{describe_skipped(report.skipped)}); "
+        f"serve it with: clipkit serve --index {report.index_dir}"
     )
     return 0
+
+
+def describe_skipped(skipped: list[tuple[str, str]], *, listed_in: str | None = None) -> str:
+    """', 2 undecodable images and 1 damaged shard skipped (...)' for a command's summary line; '' for none.
+    Damaged shards are named (the first few), as the fix is to re-copy them."""
+    from clipkit.retrieval.sources import is_damaged_shard
+
+    if not skipped:
+        return ""
+    shards = [uri for uri, reason in skipped if is_damaged_shard((uri, reason))]
+    images = len(skipped) - len(shards)
+    parts = [f"{images} undecodable image(s)"] if images else []
+    if shards:
+        named = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        parts.append(f"{len(shards)} damaged shard(s) (re-copy {named})")
+    where = f", listed in {listed_in}" if listed_in else ""
+    return f", {' and '.join(parts)} skipped{where}"

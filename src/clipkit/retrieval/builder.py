@@ -28,7 +28,7 @@ from clipkit.retrieval.index_choice import (
     tune_search,
 )
 from clipkit.retrieval.parts import read_job, row_uri
-from clipkit.retrieval.sources import ImageItem, list_image_items
+from clipkit.retrieval.sources import ImageItem, list_images, warn_damaged_shards
 from clipkit.retrieval.store import (
     INDEX_KINDS,
     ImageRecord,
@@ -54,7 +54,7 @@ class IndexReport:
     count: int  # images in the index now
     added: int
     duplicates: int  # images skipped because their content was already indexed
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason): unreadable / undecodable
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason): damaged shards, bad images
 
 
 def load_encoder(
@@ -104,7 +104,9 @@ def build_index(
     _check_index_options(kind, target_recall)
     out_dir = Path(out_dir)
     _check_build_target(out_dir, overwrite=overwrite)
-    items = list_image_items(source, image_column=image_column, caption_column=caption_column)
+    listing = list_images(source, image_column=image_column, caption_column=caption_column)
+    warn_damaged_shards(listing)
+    items = listing.items
     encoder, identity = load_encoder(model, pretrained=pretrained, device=device, precision=precision)
     with IndexTransaction(out_dir) as transaction:
         db = transaction.open_staged_metadata(fresh=True)
@@ -113,6 +115,7 @@ def build_index(
                                       progress=progress)  # fmt: skip
         finally:
             db.close()
+        report.skipped[:0] = listing.skipped
         if report.added == 0:
             raise ClipkitError(f"none of the {len(items)} image(s) in {source} could be read and decoded")
         chosen = write_vector_index(
@@ -155,7 +158,9 @@ def add_to_index(
     """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    items = list_image_items(source, image_column=image_column, caption_column=caption_column)
+    listing = list_images(source, image_column=image_column, caption_column=caption_column)
+    warn_damaged_shards(listing)
+    items = listing.items
     encoder, identity = load_index_model(
         manifest, index_dir, model=model, pretrained=pretrained, device=device, precision=precision
     )
@@ -167,6 +172,7 @@ def add_to_index(
                                       workers=workers, progress=progress)  # fmt: skip
         finally:
             db.close()
+        report.skipped[:0] = listing.skipped
         report.index_dir, report.count = index_dir, manifest["count"] + report.added
         if report.added == 0:
             return report  # nothing new: the committed index stays as it is

@@ -1,6 +1,6 @@
 """Embed a whole collection into parts (see `clipkit.retrieval.parts`), split over any number of processes.
 
-The source's images, in `list_image_items` order, are cut into parts of `part_size`; process `rank` of
+The source's images, in `list_images` order, are cut into parts of `part_size`; process `rank` of
 `world_size` embeds parts rank, rank + world_size, ... that are not finished yet, so every image is embedded
 by exactly one process and a restarted job redoes only the parts that were not renamed into place. Ranks
 and the barrier come from the caller (`clipkit.embed` gets them from Accelerate), so this module runs in one
@@ -33,7 +33,7 @@ from clipkit.retrieval.parts import (
     write_job,
     write_part,
 )
-from clipkit.retrieval.sources import ImageItem, list_image_items
+from clipkit.retrieval.sources import ImageItem, list_images, warn_damaged_shards
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class EmbedReport:
     parts: int
     parts_done_here: int  # by this process in this run
     images_per_second: float  # this process, this run
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason), all parts
+    # (uri, reason): damaged shards (found while listing, by every process), then undecodable images (all parts)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def embed_collection(
@@ -72,7 +73,10 @@ def embed_collection(
     if part_size < 1:
         raise ClipkitError(f"--part-size must be at least 1, got {part_size}")
     out_dir = Path(out_dir)
-    items = list_image_items(source, image_column=image_column, caption_column=caption_column)
+    listing = list_images(source, image_column=image_column, caption_column=caption_column)
+    items = listing.items
+    if rank == 0:
+        warn_damaged_shards(listing)  # every process finds them; one says so
     job = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -106,6 +110,7 @@ def embed_collection(
     barrier()  # every part is on disk
 
     report = _summarise(out_dir, job, parts_done_here=len(mine), rate=rate)
+    report.skipped[:0] = listing.skipped
     if rank == 0:
         write_job(
             out_dir,

@@ -151,7 +151,7 @@ def tune_search(
     indexed vectors turned 70 degrees in a random direction stand in for them (a text query sits apart from
     the images it finds, CLIP's modality gap: cosines of 0.2 to 0.35 between a caption and its image); a random
     direction is harder than the modality gap's shared one (on 1M grown digit embeddings, recall@10 0.95 took
-    efSearch 1536 for them and 128-256 for real captions), so captions are used whenever there are some.
+    efSearch 1536 for them and 192 for the collection's captions), so captions are used when there are enough.
     Returns (search params, a record of the measured recall and per-query latency).
     """
     from clipkit.retrieval.store import apply_search_params

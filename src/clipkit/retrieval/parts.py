@@ -6,7 +6,7 @@ Layout of DIR:
     img_emb/img_emb_NNNN.npy        (n, D) float32, L2-normalised image embeddings of part NNNN
     metadata/metadata_NNNN.parquet  n rows, row i describes row i of the .npy beside it
 
-Part NNNN covers images [NNNN * part_size, (NNNN + 1) * part_size) of the source as `list_image_items`
+Part NNNN covers images [NNNN * part_size, (NNNN + 1) * part_size) of the source as `list_images`
 orders it; images that cannot be read or decoded have no row and are listed in the parquet file's key-value
 metadata (`clipkit.skipped`). Part numbers are zero-padded so a lexical sort (which autofaiss's reader uses)
 is the numeric one. Each file is written under a temporary name and renamed, the parquet file before the
@@ -123,7 +123,7 @@ def part_summary(out_dir: Path, part: int) -> tuple[int, list[tuple[str, str]]]:
 
 
 def row_uri(row: dict[str, Any]) -> str:
-    """The name `list_image_items` gives the image: SHARD#KEY, or the key itself for a file."""
+    """The name `list_images` gives the image: SHARD#KEY, or the key itself for a file."""
     return f"{row['shard']}#{row['key']}" if row["shard"] is not None else row["key"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -391,10 +392,16 @@ def _original(index: RetrievalIndex, image_id: int) -> tuple[bytes, str]:
     if record is None:
         raise HTTPException(404, f"no image with id {image_id}; ids run from 0 to {index.count - 1}")
     try:
-        return read_item_bytes(record.path, record.offset, record.length), record.media_type
+        data = read_item_bytes(record.path, record.offset, record.length)
     except OSError as e:
         log.warning("image %d: cannot read %s: %s", image_id, record.path, e)
         raise HTTPException(404, f"image {image_id} is no longer readable on the server") from None
+    # A shard replaced or damaged since indexing can still hold enough bytes at the offset: other bytes.
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        log.warning("image %d: %s changed since it was indexed (other bytes at offset %s); re-index it",
+                    image_id, record.path, record.offset)  # fmt: skip
+        raise HTTPException(404, f"image {image_id} is no longer readable on the server")
+    return data, record.media_type
 
 
 def _static_endpoint(file_name: str, media_type: str):
