@@ -370,22 +370,36 @@ def test_lit_freezes_the_image_tower_and_grad_checkpointing_changes_nothing(tmp_
     assert not torch.equal(trained["text_projection"], initial["text_projection"])
 
 
-def test_patch_dropout_with_accumulation_and_bf16_train(tmp_path):
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_bf16_features_reach_the_loss_in_bf16_with_and_without_accumulation(tmp_path, monkeypatch, accum_steps):
+    # What the loss gets is what crosses its all-gather / ring exchange between processes: the towers' bf16
+    # features (half the bytes), not float32 copies (Accelerate's prepare converts outputs to float32).
+    from clipkit.losses.base import ContrastiveLoss
+
+    received, forward = [], ContrastiveLoss.forward
+
+    def recording_forward(self, image_features, text_features, *args, **kwargs):
+        received.append((image_features.dtype, text_features.dtype))
+        return forward(self, image_features, text_features, *args, **kwargs)
+
+    monkeypatch.setattr(ContrastiveLoss, "forward", recording_forward)
     out = tmp_path / "flip"
     run(
         small_config(
             out,
             "train.steps=3",
-            "train.accum_steps=2",
+            f"train.accum_steps={accum_steps}",
             "train.precision=bf16",
             "+model.vision_cfg.patch_dropout=0.5",
             "data.zeroshot_dataset=null",
             "data.val_shards=null",
         )
     )
+    assert received and set(received) == {(torch.bfloat16, torch.bfloat16)}
     records = [r for r in metrics(out) if "loss" in r]
     assert len(records) == 3 and all(r["nonfinite_skips"] == 0 for r in records)
-    assert records[-1]["samples"] == 3 * 2 * 8
+    assert all(0 < r["loss"] < 10 for r in records)  # ln(8) = 2.08 at the start
+    assert records[-1]["samples"] == 3 * accum_steps * 8
 
 
 def test_wandb_logger_writes_an_offline_run(tmp_path):

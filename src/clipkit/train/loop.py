@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
@@ -189,6 +190,7 @@ class Trainer:
             scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
             self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
             self.unwrapped = accelerator.unwrap_model(self.model)
+            _autocast_forward(self.unwrapped, accelerator)
         else:
             model = shard_model(model, self.sharding, accelerator.device)
             _autocast_forward(model, accelerator)
@@ -562,13 +564,17 @@ def _set_tf32(config: TrainConfig, device: torch.device) -> None:
 
 
 def _autocast_forward(model: torch.nn.Module, accelerator) -> None:
-    """What Accelerate's prepare does for a model it wraps: forward under autocast, outputs in float32."""
-    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+    """Forward under autocast, as Accelerate's prepare sets it up, but with the outputs left in the autocast
+    dtype: Accelerate also converts them to float32, and then the features would cross the loss's all-gather
+    or ring exchange in float32, twice the bytes of bf16. The losses upcast after the exchange and do their
+    math in float32 (clipkit.losses.distributed). Replaces the forward Accelerate's prepare installed (DDP
+    path); `accelerator.unwrap_model(..., keep_fp32_wrapper=False)` still restores the original."""
+    from accelerate.utils import get_mixed_precision_context_manager
 
     if not accelerator.native_amp:
         return
     context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
-    model.forward = convert_outputs_to_fp32(context(model.forward))
+    model.forward = MethodType(context(type(model).forward), model)
 
 
 @contextlib.contextmanager

@@ -65,9 +65,11 @@ def contrastive_backward(
             text_chunks.append(text_features)
 
     # Leaves standing in for the towers' outputs and the logit parameters: the loss's backward fills
-    # their .grad without touching the model (and, in DDP, without its gradient hooks).
-    image_all = torch.cat(image_chunks).float().requires_grad_()  # (k*b, D)
-    text_all = torch.cat(text_chunks).float().requires_grad_()  # (k*b, D)
+    # their .grad without touching the model (and, in DDP, without its gradient hooks). The features keep
+    # the towers' dtype (bf16 under autocast), as without accumulation: they cross the loss's exchange at
+    # that width, and their gradients come back in it, as autograd would hand them to the towers.
+    image_all = torch.cat(image_chunks).requires_grad_()  # (k*b, D)
+    text_all = torch.cat(text_chunks).requires_grad_()  # (k*b, D)
     scale = logit_scale.detach().float().requires_grad_()
     bias = logit_bias.detach().float().requires_grad_() if logit_bias is not None else None
     loss = loss_fn(image_all, text_all, scale, bias)
