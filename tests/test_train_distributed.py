@@ -218,7 +218,12 @@ def test_clipkit_export_reads_a_sharded_checkpoint(runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     exported = load_file(str(tmp_path / "x" / "open_clip_model.safetensors"))
     assert max_diff(weights(fsdp, "model-raw"), exported) == 0.0  # the trained weights, not the EMA
+    assert "add --ema for the EMA" in result.stdout
     open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'x'}")
+    # --ema: the EMA's shards, gathered: what the run exported as its final model/.
+    result = run_clipkit("export", str(fsdp / "checkpoints" / "step_00000006"), "--ema", "--out", str(tmp_path / "e"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert max_diff(weights(fsdp, "model"), load_file(str(tmp_path / "e" / "open_clip_model.safetensors"))) == 0.0
 
 
 @pytest.mark.slow

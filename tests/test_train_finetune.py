@@ -14,6 +14,7 @@ from clipkit.models import build_model
 from clipkit.train import Trainer, run
 from clipkit.train.config import OptimConfig
 from clipkit.train.optim import build_optimizer
+from conftest import run_clipkit
 from test_train import final_weights, metrics, small_config
 
 NO_EVAL = ("data.zeroshot_dataset=null", "data.val_shards=null")
@@ -134,6 +135,17 @@ def test_ema_equals_a_float64_reference_and_survives_a_resume(tmp_path, monkeypa
     assert (out / "checkpoints" / "step_00000006" / "ema.safetensors").is_file()
     raw = load_file(str(out / "model-raw" / "open_clip_model.safetensors"))
     assert all(torch.equal(raw[k], last[k].float()) for k in last)  # the optimizer's own final weights
+    # `clipkit export CHECKPOINT --ema` gives the run's model/ (the EMA); without --ema, the raw weights.
+    for flags, expected in (["--ema"], exported), ([], raw):
+        result = run_clipkit("export", str(out / "checkpoints" / "step_00000006"), *flags, "--out",
+                             str(tmp_path / f"export{len(flags)}"))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        written = load_file(str(tmp_path / f"export{len(flags)}" / "open_clip_model.safetensors"))
+        assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert "add --ema" in result.stdout  # the raw export says the checkpoint has an EMA
+    result = run_clipkit("export", str(out / "model"), "--ema", "--out", str(tmp_path / "not-a-checkpoint"))
+    assert result.returncode == 2 and "holds no EMA" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
     # Crash after the step-3 checkpoint, resume: the same average as the uninterrupted run.
     AcceleratorState._reset_state(True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipkit.errors import ClipkitError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -27,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrained",
         help="weights for an architecture or config SOURCE: a .safetensors / .pt file, an open_clip tag (laion2b_s34b_b79k), hf-hub:ORG/NAME",
     )
+    parser.add_argument(
+        "--ema", action="store_true",
+        help="SOURCE is a training checkpoint (RUN/checkpoints/step_N): export its EMA of the weights "
+        "(train.ema_decay), as a finished run's model/ is, instead of the optimizer's weights",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
 
 
@@ -34,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from clipkit.models import build_model, export_model
 
     bundle = build_model(args.source, pretrained=args.pretrained)
+    _choose_weights(bundle, args)
     if args.format == "hf":
         from clipkit.models.hf_export import export_transformers
 
@@ -43,3 +51,23 @@ def run(args: argparse.Namespace) -> int:
     out = export_model(bundle, args.out, overwrite=args.overwrite)
     print(f"exported {bundle.name} to {out} (load with open_clip: 'local-dir:{out}')")
     return 0
+
+
+def _choose_weights(bundle, args: argparse.Namespace) -> None:
+    """With --ema, a checkpoint's EMA replaces the weights just loaded; without it, a checkpoint that has one
+    says so (the run's final model/ is the EMA, so the two exports differ)."""
+    from pathlib import Path
+
+    from clipkit.models.weights import find_ema_weights, load_state_dict_into, read_ema_weights
+
+    source = Path(args.source)
+    if args.ema:
+        if args.pretrained is not None or not source.is_dir():
+            raise ClipkitError("--ema reads a training checkpoint directory (RUN/checkpoints/step_N) as SOURCE")
+        # The EMA averages the parameters; buffers (if the model keeps any) stay as the checkpoint has them.
+        state = {**bundle.model.state_dict(), **read_ema_weights(source)}
+        load_state_dict_into(bundle.model, state, origin=f"{source} (EMA)")
+        bundle.name = f"{bundle.name} (EMA)"
+    elif source.is_dir() and find_ema_weights(source) is not None:
+        print(f"note: {source} also holds an EMA of the weights (train.ema_decay); this export is the "
+              "optimizer's weights, add --ema for the EMA (what the run exports as model/)")  # fmt: skip

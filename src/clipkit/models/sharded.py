@@ -22,23 +22,32 @@ from clipkit.errors import ClipkitError
 
 SHARDED_STATE_DIR = "sharded"
 MODEL_PREFIX = "model."
+EMA_PREFIX = "ema."  # the EMA of the weights (train.ema_decay), beside the model's shards
 
 
-def read_sharded_model(directory: Path) -> dict[str, torch.Tensor]:
-    """The full model state dict from a sharded checkpoint directory, in one process (for export)."""
+def read_sharded_model(directory: Path, prefix: str = MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    """The full model state dict from a sharded checkpoint directory, in one process (for export);
+    `prefix=EMA_PREFIX` reads the EMA of the weights instead."""
     reader = SafeFileSystemReader(str(directory))
     metadata = reader.read_metadata()
     state = {
         name: torch.empty(meta.size, dtype=meta.properties.dtype)
         for name, meta in metadata.state_dict_metadata.items()
-        if name.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
     if not state:
-        raise ClipkitError(f"{directory} is a sharded checkpoint without model weights")
+        what = "model weights" if prefix == MODEL_PREFIX else f"'{prefix}*' tensors"
+        raise ClipkitError(f"{directory} is a sharded checkpoint without {what}")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=reader, no_dist=True)
-    return {name[len(MODEL_PREFIX) :]: tensor for name, tensor in state.items()}
+    return {name[len(prefix) :]: tensor for name, tensor in state.items()}
+
+
+def has_prefix(directory: Path, prefix: str) -> bool:
+    """Whether a sharded checkpoint directory holds tensors under `prefix` (reads only its index)."""
+    metadata = SafeFileSystemReader(str(directory)).read_metadata()
+    return any(name.startswith(prefix) for name in metadata.state_dict_metadata)
 
 
 def is_sharded_checkpoint(directory: Path) -> bool:

@@ -95,6 +95,42 @@ def find_weights_file(directory: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
+EMA_FILE_NAME = "ema.safetensors"  # a DDP checkpoint's EMA of the weights (train.ema_decay)
+OLD_EMA_FILE_NAME = "ema_0.safetensors"  # written by clipkit before the EMA was saved once per checkpoint
+
+
+def find_ema_weights(checkpoint: Path) -> tuple[Path, str] | None:
+    """Where a training checkpoint keeps its EMA of the weights: (a safetensors file, "") for DDP runs,
+    (the sharded state directory, the EMA's key prefix) for FSDP runs; None if it holds none."""
+    checkpoint = Path(checkpoint)
+    for name in (EMA_FILE_NAME, OLD_EMA_FILE_NAME):
+        if (checkpoint / name).is_file():
+            return checkpoint / name, ""
+    sharded = checkpoint / "sharded"
+    if (sharded / ".metadata").is_file():
+        from clipkit.models.sharded import EMA_PREFIX, has_prefix
+
+        if has_prefix(sharded, EMA_PREFIX):
+            return sharded, EMA_PREFIX
+    return None
+
+
+def read_ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The EMA of the weights a training checkpoint holds, by parameter name; a one-line error if none."""
+    found = find_ema_weights(checkpoint)
+    if found is None:
+        raise ClipkitError(
+            f"{checkpoint} holds no EMA of the weights (the run did not set train.ema_decay, or it is not a "
+            "training checkpoint); export it without --ema"
+        )
+    path, prefix = found
+    if prefix:
+        from clipkit.models.sharded import read_sharded_model
+
+        return read_sharded_model(path, prefix)
+    return read_state_dict(path)
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a weights file into `model`, strictly, resizing position embeddings when sizes differ."""
     load_state_dict_into(model, read_state_dict(path), origin=str(path))

@@ -21,10 +21,8 @@ import safetensors.torch
 import torch
 
 from clipkit.errors import ClipkitError
-
-EMA_FILE_NAME = "ema.safetensors"
-EMA_PREFIX = "ema."  # its keys in a sharded (DCP) checkpoint
-_OLD_EMA_FILE_NAME = "ema_0.safetensors"  # clipkit <= issue 15 wrote one file per DDP process (all equal)
+from clipkit.models.sharded import EMA_PREFIX  # its keys in a sharded (DCP) checkpoint
+from clipkit.models.weights import EMA_FILE_NAME, OLD_EMA_FILE_NAME
 
 
 class WeightEMA:
@@ -62,8 +60,8 @@ class WeightEMA:
     def load(self, directory: Path) -> None:
         """DDP: every process reads the whole average, whatever number of processes saved it."""
         path = directory / EMA_FILE_NAME
-        if not path.is_file() and (directory / _OLD_EMA_FILE_NAME).is_file():
-            path = directory / _OLD_EMA_FILE_NAME
+        if not path.is_file() and (directory / OLD_EMA_FILE_NAME).is_file():
+            path = directory / OLD_EMA_FILE_NAME
         if not path.is_file():
             raise ClipkitError(
                 f"{directory} holds no EMA: it was saved without train.ema_decay; resume with the same "
