@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,7 +120,7 @@ def build_index(
             raise ClipkitError(f"none of the {len(items)} image(s) in {source} could be read and decoded")
         chosen = write_vector_index(
             transaction, vectors, kind=kind, max_memory=max_memory, target_recall=target_recall,
-            captions=[item.caption for item in items], encoder=encoder,
+            text_queries=lambda: caption_queries(encoder, [item.caption for item in items]),
         )  # fmt: skip
         now = _now()
         transaction.commit(
@@ -179,8 +179,9 @@ def add_to_index(
         vector_index = faiss.read_index(str(index_dir / manifest["vectors_file"]))
         retrained = _outgrown_clusters(manifest, report.count)
         if retrained:
-            captions = [item.caption for item in items]
-            manifest = {**manifest, **_retrain(transaction, vector_index, vectors, manifest, captions, encoder)}
+            retrained_entries = _retrain(transaction, vector_index, vectors, manifest,
+                                         lambda: caption_queries(encoder, [item.caption for item in items]))  # fmt: skip
+            manifest = {**manifest, **retrained_entries}
         else:
             vector_index.add(vectors)
             faiss.write_index(vector_index, str(transaction.staged_vectors))
@@ -224,11 +225,15 @@ def build_index_from_embeddings(
             f"{embeddings_dir} is an unfinished `clipkit embed` job; rerun the same command to finish it first"
         )
     identity = job.manifest["model"]
+    encoder = None  # the recorded model is loaded only if the index is tuned (text queries)
     if model is not None:
         encoder, _ = load_index_model({"model": identity}, Path(embeddings_dir), model=model,
                                       pretrained=pretrained, device="cpu", precision="fp32")  # fmt: skip
-    else:
-        encoder = _recorded_encoder(identity, Path(embeddings_dir))
+
+    def text_queries() -> np.ndarray | None:
+        found = encoder or _recorded_encoder(identity, Path(embeddings_dir))
+        return None if found is None else caption_queries(found, captions)
+
     _check_build_target(out_dir, overwrite=overwrite)
     report = IndexReport(index_dir=out_dir, count=0, added=0, duplicates=0)
     report.skipped = [tuple(entry) for entry in job.manifest.get("skipped", [])]
@@ -261,7 +266,7 @@ def build_index_from_embeddings(
         del vectors
         chosen = write_vector_index(
             transaction, stacked, kind=kind, max_memory=max_memory, target_recall=target_recall,
-            captions=captions, encoder=encoder,
+            text_queries=text_queries,
         )  # fmt: skip
         now = _now()
         source = job.manifest["source"]
@@ -289,13 +294,12 @@ def write_vector_index(
     kind: str,
     max_memory: str | int,
     target_recall: float,
-    captions: Iterable[str] = (),
-    encoder: Encoder | None = None,
+    text_queries: Callable[[], np.ndarray | None] | None = None,
 ) -> dict[str, Any]:
     """Choose, build, tune and stage the FAISS index of `vectors` (N, D); the manifest entries that describe it:
     kind, params (build settings and the tuned efSearch / nprobe) and tuning (measured recall and latency).
-    The search setting is tuned on the collection's `captions` encoded by `encoder` (its model) as text
-    queries, when there are enough of them (see `tune_search`)."""
+    `text_queries()` gives the tuning's text queries (M, D), the collection's captions encoded by its model
+    (`caption_queries`), or None; it is called only for an index that has a search setting to tune."""
     count, dim = vectors.shape
     budget = parse_memory(max_memory)
     if kind == "auto":
@@ -308,10 +312,8 @@ def write_vector_index(
     started = time.perf_counter()
     index = create_vector_index(kind, dim, vectors, params)
     build_seconds = time.perf_counter() - started
-    text_queries = None
-    if encoder is not None and kind not in ("flat",):
-        text_queries = caption_queries(encoder, captions)
-    searched, tuning = tune_search(index, kind, vectors, target_recall=target_recall, text_queries=text_queries)
+    queries = text_queries() if text_queries is not None and kind != "flat" else None
+    searched, tuning = tune_search(index, kind, vectors, target_recall=target_recall, text_queries=queries)
     params.update(searched)
     tuning["build_seconds"] = round(build_seconds, 2)
     faiss.write_index(index, str(transaction.staged_vectors))
@@ -333,8 +335,7 @@ def _retrain(
     vector_index: faiss.Index,
     new_vectors: np.ndarray,
     manifest: dict[str, Any],
-    captions: Iterable[str],
-    encoder: Encoder,
+    text_queries: Callable[[], np.ndarray | None],
 ) -> dict[str, Any]:
     """Rebuild an outgrown IVF index with clusters for its new size, from its stored vectors and `new_vectors`."""
     if manifest["kind"] == "ivfpq":
@@ -354,7 +355,7 @@ def _retrain(
     log.info("retraining %s: %d vectors outgrew clusters trained on %d", transaction.index_dir, len(vectors),
              manifest["params"].get("trained_on", manifest["count"]))  # fmt: skip
     chosen = write_vector_index(transaction, vectors, kind="ivf", max_memory=0, target_recall=target,
-                                captions=captions, encoder=encoder)  # fmt: skip
+                                text_queries=text_queries)  # fmt: skip
     chosen["params"]["mmap"] = manifest["params"].get("mmap", False)
     return chosen
 
