@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -31,13 +33,8 @@ def export_model(
     bundle's model weights (e.g. gathered from a sharded model); its names must be the model's own.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ClipkitError(
-            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    check_export_target(out_dir, overwrite=overwrite)
+    with staged_directory(out_dir) as staging:
         # .contiguous(): safetensors stores dense buffers; views (e.g. from transposes) must be copied.
         if state_dict is None:
             state_dict = bundle.model.state_dict()
@@ -50,12 +47,30 @@ def export_model(
         (staging / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers travel with the model
             bundle.tokenizer.save_pretrained(str(staging))
+    return out_dir
+
+
+def check_export_target(out_dir: Path, *, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ClipkitError(
+            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
+        )
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to write into: when the block completes it becomes `out_dir` (with
+    the permissions a plain mkdir would give), when it fails it is removed. An interrupted export never
+    leaves a half-written model behind."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield staging
         _apply_umask(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _apply_umask(directory: Path) -> None:

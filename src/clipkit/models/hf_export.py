@@ -9,8 +9,6 @@ config come from `hf_convert`; this module adds the files around them.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import yaml
 
 from clipkit.errors import ClipkitError
-from clipkit.models.export import _apply_umask, _replace_dir
+from clipkit.models.export import check_export_target, staged_directory
 from clipkit.models.factory import ModelBundle
 from clipkit.models.hf_convert import (
     CLIP_BPE_EOT,
@@ -42,28 +40,18 @@ def export_transformers(
     """
     transformers = require_transformers()
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ClipkitError(
-            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
-        )
+    check_export_target(out_dir, overwrite=overwrite)
     layout = hf_layout(bundle.model_cfg)  # fails early, before any file is written
     preprocessor = preprocessor_config(bundle.preprocess_cfg, layout)
     tokenizer, token_ids = hf_tokenizer(bundle, layout, transformers)
     hf_model = to_hf_model(bundle.model, bundle.model_cfg, **token_ids)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         hf_model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         _fix_tokenizer_config(staging, bundle.model_cfg["text_cfg"].get("context_length", 77), layout)
         (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", "utf-8")
         card = model_card(bundle, hf_model.config, layout, _run_summary(run_dir) if run_dir else None)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _apply_umask(staging)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
