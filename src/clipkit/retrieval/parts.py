@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from clipkit.errors import ClipkitError
+from clipkit.retrieval.manifests import read_versioned_json
 
 JOB_NAME = "embeddings.json"
 FORMAT_NAME = "clipkit-embeddings"
@@ -154,16 +155,9 @@ def read_job(out_dir: str | Path) -> EmbeddingsJob:
         raise ClipkitError(
             f"{out_dir} holds no embeddings ({JOB_NAME} is missing); write them with `clipkit embed`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipkitError(f"{path} is not valid JSON ({e}); rerun `clipkit embed`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ClipkitError(f"{path} is not a clipkit embeddings manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ClipkitError(
-            f"{path} has format version {manifest.get('version')}; this clipkit reads {FORMAT_VERSION}"
-        )
+    manifest = read_versioned_json(
+        path, format_name=FORMAT_NAME, version=FORMAT_VERSION, kind="embeddings", fix="rerun `clipkit embed`"
+    )
     return EmbeddingsJob(out_dir, manifest)
 
 

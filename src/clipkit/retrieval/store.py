@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from clipkit.errors import ClipkitError
+from clipkit.retrieval.manifests import read_versioned_json
 
 MANIFEST_NAME = "index.json"
 FORMAT_NAME = "clipkit-retrieval-index"
@@ -198,17 +199,9 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
             f"{index_dir} holds no index ({MANIFEST_NAME} is missing; a build that was interrupted leaves "
             "none); build one with `clipkit index build`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipkitError(f"{path} is not valid JSON ({e}); rebuild the index") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ClipkitError(f"{path} is not a clipkit retrieval index manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ClipkitError(
-            f"{path} has index format version {manifest.get('version')}; this clipkit reads version "
-            f"{FORMAT_VERSION}: rebuild the index"
-        )
+    manifest = read_versioned_json(
+        path, format_name=FORMAT_NAME, version=FORMAT_VERSION, kind="retrieval index", fix="rebuild the index"
+    )
     for key in ("vectors_file", "metadata_file"):
         # Names only: a manifest never points outside its folder.
         if not _DATA_FILE.match(str(manifest.get(key, ""))):
