@@ -12,6 +12,7 @@ transformers' from_pretrained(DIR) or pipeline("zero-shot-image-classification",
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from clipkit.errors import ClipkitError
 
@@ -56,8 +57,6 @@ def run(args: argparse.Namespace) -> int:
 def _choose_weights(bundle, args: argparse.Namespace) -> None:
     """With --ema, a checkpoint's EMA replaces the weights just loaded; without it, a checkpoint that has one
     says so (the run's final model/ is the EMA, so the two exports differ)."""
-    from pathlib import Path
-
     from clipkit.models.weights import find_ema_weights, load_state_dict_into, read_ema_weights
 
     source = Path(args.source)

@@ -22,7 +22,7 @@ import torch
 
 from clipkit.errors import ClipkitError
 from clipkit.models.sharded import EMA_PREFIX  # its keys in a sharded (DCP) checkpoint
-from clipkit.models.weights import EMA_FILE_NAME, OLD_EMA_FILE_NAME
+from clipkit.models.weights import EMA_FILE_NAME, find_ema_weights
 
 
 class WeightEMA:
@@ -59,14 +59,13 @@ class WeightEMA:
 
     def load(self, directory: Path) -> None:
         """DDP: every process reads the whole average, whatever number of processes saved it."""
-        path = directory / EMA_FILE_NAME
-        if not path.is_file() and (directory / OLD_EMA_FILE_NAME).is_file():
-            path = directory / OLD_EMA_FILE_NAME
-        if not path.is_file():
+        found = find_ema_weights(directory)
+        if found is None or found[1]:  # none, or only in a sharded (FSDP) state, which DDP does not resume
             raise ClipkitError(
                 f"{directory} holds no EMA: it was saved without train.ema_decay; resume with the same "
                 "train.ema_decay the run started with, or start a new output_dir"
             )
+        path = found[0]
         saved = safetensors.torch.load_file(str(path))
         if sorted(saved) != sorted(self.names):
             raise ClipkitError(f"{path} holds the EMA of another model; start a new output_dir")
