@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# Regenerate requirements/lock.txt (the Docker image's pinned runtime versions) from a fresh resolve of
-# `pip install .`. Run it in the virtual environment the tests passed in, then re-run the tests.
+# Refresh the pinned dependency sets, on purpose (CI never resolves against the index of the day):
+#   requirements/lock.txt      runtime: what `pip install .` resolves; the Dockerfile installs exactly these
+#   requirements/lock-dev.txt  runtime + the dev extra, resolved with lock.txt as constraints; the README's
+#                              install commands and CI (.ci/run) install with it as constraints
+# Then re-run the tests in a fresh virtualenv installed from the new locks (the README's test command) and commit
+# both files together (`--dev-only` keeps lock.txt and re-resolves lock-dev.txt only, after a dev extra changes).
+# scripts/check_latest.sh tries the newest releases without the locks (non-blocking).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-report=$(mktemp)
-pip install -q --dry-run --ignore-installed --report "$report" .
-python - "$report" <<'PY'
+
+resolve() {  # resolve OUT HEADER PIP-ARGS...: write the pins of a dry-run resolve of PIP-ARGS to OUT
+  local out=$1 header=$2 report
+  shift 2
+  report=$(mktemp)
+  pip install -q --dry-run --ignore-installed --report "$report" "$@"
+  python - "$report" "$out" "$header" <<'PY'
 import datetime, json, platform, sys
-report = json.load(open(sys.argv[1]))
-pins = sorted((p["metadata"]["name"].lower(), p["metadata"]["version"]) for p in report["install"]
+report, out, header = sys.argv[1:]
+pins = sorted((p["metadata"]["name"].lower(), p["metadata"]["version"]) for p in json.load(open(report))["install"]
               if p["metadata"]["name"].lower() != "clipkit")
-with open("requirements/lock.txt", "w") as f:
-    f.write(f"# Runtime dependency versions resolved by `pip install .` on {datetime.date.today()} "
-            f"(Python {platform.python_version()}, {platform.system()} {platform.machine()})\n"
-            "# and tested there; the Dockerfile installs exactly these. Regenerate with scripts/lock_requirements.sh.\n")
+with open(out + ".tmp", "w") as f:
+    f.write(f"# {header} Resolved on {datetime.date.today()} "
+            f"(Python {platform.python_version()}, {platform.system()} {platform.machine()}).\n"
+            "# Regenerate with scripts/lock_requirements.sh, never by hand.\n")
     f.writelines(f"{name}=={version}\n" for name, version in pins)
-print(f"wrote {len(pins)} pins to requirements/lock.txt")
+import os; os.replace(out + ".tmp", out)
+print(f"wrote {len(pins)} pins to {out}")
 PY
-rm -f "$report"
+  rm -f "$report"
+}
+
+[ "${1:-}" = --dev-only ] || resolve requirements/lock.txt \
+  "Runtime dependency versions (\`pip install .\`); the Dockerfile installs exactly these." .
+resolve requirements/lock-dev.txt \
+  "Runtime + dev versions (\`pip install -c requirements/lock.txt '.[dev]'\`); CI and the README install with these as constraints." \
+  -c requirements/lock.txt ".[dev]"
