@@ -8,7 +8,6 @@ data.train_shards='shards/{00000..00099}.tar' train.steps=10000`. For several pr
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +19,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipkit.train.app import main
 
-    # Hydra reads its overrides from sys.argv.
-    sys.argv = ["clipkit train", *args.overrides]
-    main()
+    main(args.overrides)
     return 0

@@ -82,7 +82,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     if sharded is not None:
-        from clipkit.train.sharding import save_sharded
+        from clipkit.train.parallel import save_sharded
 
         model, optimizer, extra = sharded
         save_sharded(model, optimizer, staging / SHARDED_STATE_DIR, extra)
@@ -116,7 +116,7 @@ def load_checkpoint(
         )
     accelerator.load_state(str(checkpoint))
     if sharded is not None:
-        from clipkit.train.sharding import load_sharded
+        from clipkit.train.parallel import load_sharded
 
         model, optimizer, extra = sharded
         load_sharded(model, optimizer, checkpoint / SHARDED_STATE_DIR, extra)

@@ -9,7 +9,7 @@ from typing import Any
 
 from clipkit.errors import ClipkitError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -26,7 +26,7 @@ def config_from_dict(cls, values: Mapping[str, Any], *, group: str):
 class TrainConfig:
     steps: int = 1000  # optimizer steps
     accum_steps: int = 1  # micro-batches per optimizer step, with the negatives of all of them
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, else fp32 (loop.resolve_precision)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import MethodType
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,31 +25,19 @@ from clipkit.data import DataConfig, TrainStream, prepare_data
 from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
-from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipkit.train.checkpoint import resolve_resume, save_checkpoint
 from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.device_input import split_normalisation
-from clipkit.train.ema import WeightEMA
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
-from clipkit.train.optim import build_optimizer, build_scheduler
+from clipkit.train.parallel import build_accelerator, build_plan
 from clipkit.train.report import write_run_report
-from clipkit.train.sharding import (
-    Sharding,
-    full_state_dict,
-    full_value,
-    gradient_sync_off,
-    load_full_state_dict,
-    resolve_sharding,
-    shard_model,
-    stop_accelerate_from_sharding,
-)
 from clipkit.train.step import contrastive_backward
 from clipkit.train.wise_ft import START_MODEL_DIR, WISE_FT_MODEL_DIR, export_start_model, wise_ft_state_dict
 
 log = logging.getLogger("clipkit.train")
 
 RAW_MODEL_DIR = "model-raw"  # with train.ema_decay: the optimizer's final weights beside the EMA in model/
-_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -83,9 +70,10 @@ class StopSignal:
             signal.signal(signum, handler)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train with a composed Hydra config. Returns the final evaluation metrics."""
-    trainer = Trainer(cfg)
+def run(cfg: DictConfig, launch_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Train with a composed Hydra config. Returns the final evaluation metrics. `launch_env`: the
+    environment `accelerate launch` set up (default: this process's, read once here)."""
+    trainer = Trainer(cfg, launch_env=launch_env)
     try:
         return trainer.fit()
     finally:
@@ -93,10 +81,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 class Trainer:
-    """Holds the prepared objects of one run; `fit` runs it to `train.steps` or to a stop signal."""
+    """Holds the prepared objects of one run; `fit` runs it to `train.steps` or to a stop signal.
 
-    def __init__(self, cfg: DictConfig):
+    Everything that depends on DDP vs FSDP2 is the parallelism plan's (`self.plan`, clipkit.train.parallel),
+    chosen here once from `train.sharding` and `launch_env` (the environment `accelerate launch` set up;
+    default: this process's environment, read once here). Nothing process-wide is changed, so several
+    Trainers may run one after another in one process, each as its config says."""
+
+    def __init__(self, cfg: DictConfig, *, launch_env: Mapping[str, str] | None = None):
         self.started = time.perf_counter()  # the summary's time includes data generation and setup
+        launch_env = dict(os.environ if launch_env is None else launch_env)
+        cfg = _with_precision(cfg)  # `auto` resolved, so config.yaml says what ran
         self.train_cfg = config_from_dict(TrainConfig, _plain(cfg.train), group="train")
         self.optim_cfg = config_from_dict(OptimConfig, _plain(cfg.optim), group="optim")
         logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
@@ -105,13 +100,8 @@ class Trainer:
         if self.train_cfg.keep_freed_memory:
             keep_freed_memory()  # before the model and the data workers exist, so they all inherit it
 
-        self.sharding = self._setup_sharding()
-        self.accelerator = accelerator = Accelerator(
-            mixed_precision=_MIXED_PRECISION[self.train_cfg.precision],
-            step_scheduler_with_optimizer=False,
-            # Without cpu=True, Accelerate under torchrun on a GPU-less machine reports one process.
-            cpu=not torch.cuda.is_available(),
-        )
+        self.plan = build_plan(self.train_cfg.sharding, self.train_cfg.precision, launch_env)
+        self.accelerator = accelerator = build_accelerator(self.train_cfg.precision)
         _set_tf32(self.train_cfg, accelerator.device)
         self.output_dir = self._setup_output_dir(cfg)
         set_seed(self.train_cfg.seed)  # the same initial weights on every process
@@ -148,7 +138,7 @@ class Trainer:
         )
         self._setup_model()
         ema_decay = self.train_cfg.ema_decay
-        self.ema = WeightEMA(self.unwrapped, ema_decay) if ema_decay is not None else None
+        self.ema = self.plan.build_ema(ema_decay) if ema_decay is not None else None
         self.state = RunState()
         self._resume()
         self.logger = None
@@ -158,17 +148,6 @@ class Trainer:
             )
 
     # -- setup ------------------------------------------------------------------------------------
-    def _setup_sharding(self) -> Sharding | None:
-        sharding = resolve_sharding(self.train_cfg.sharding)
-        if sharding is not None:
-            if self.train_cfg.precision == "fp16":
-                raise ClipkitError(
-                    "train.precision=fp16 is not supported with FSDP (its loss scaler is per process); "
-                    "use train.precision=bf16"
-                )
-            stop_accelerate_from_sharding()
-        return sharding
-
     def _setup_output_dir(self, cfg: DictConfig) -> Path:
         # Every process derives the same directory; broadcast anyway, so a config that differs between
         # processes cannot split the run.
@@ -182,24 +161,13 @@ class Trainer:
         return output_dir
 
     def _setup_model(self) -> None:
-        """Wrap the model (DDP through Accelerate, or FSDP2 here), then build the optimizer and compile."""
-        accelerator = self.accelerator
+        """Wrap the model as the plan says (with the optimizer and scheduler), then compile."""
         model = _configure_model(self.bundle.model, self.train_cfg)
-        if self.sharding is None:
-            optimizer = build_optimizer(model, self.optim_cfg)
-            scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
-            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-            self.unwrapped = accelerator.unwrap_model(self.model)
-            _autocast_forward(self.unwrapped, accelerator)
-        else:
-            model = shard_model(model, self.sharding, accelerator.device)
-            _autocast_forward(model, accelerator)
-            # The optimizer is built on the sharded parameters and stays clipkit's: Accelerate would save
-            # its state from the main process only. Accelerate keeps the scheduler and the RNG states.
-            self.optimizer = build_optimizer(model, self.optim_cfg)
-            scheduler = build_scheduler(self.optimizer, self.optim_cfg, self.train_cfg.steps)
-            self.scheduler = accelerator.prepare(scheduler)
-            self.model = self.unwrapped = model
+        self.model, self.optimizer, self.scheduler = self.plan.setup(
+            model, self.accelerator, self.optim_cfg, self.train_cfg.steps
+        )
+        self.unwrapped = self.plan.unwrapped
+        log.info("parallelism: %s, precision: %s", self.plan.name, self.train_cfg.precision)
         if self.train_cfg.compile:  # after wrapping, so DDP / FSDP hooks and communication are in the graph
             self.model.compile()
 
@@ -207,15 +175,7 @@ class Trainer:
         checkpoint = resolve_resume(self.train_cfg.resume, self.output_dir)
         if checkpoint is None:
             return
-        saved = load_checkpoint(self.accelerator, checkpoint, sharded=self._sharded_state())
-        if self.sharding is not None:
-            # The sharded checkpoint holds optimizer tensors, not param_groups: the learning rate the
-            # restored schedule is at goes back into the groups (Accelerate's optimizer file does this
-            # under DDP). Without it the first resumed step would use the rate of step 0.
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
-        if self.ema is not None and self.sharding is None:  # under FSDP it came with the model's shards
-            self.ema.load(checkpoint)
+        saved = self.plan.load(checkpoint, self.ema)
         self.state = RunState(**saved["run"])
         data_states = saved["data"]
         rank = self.accelerator.process_index
@@ -276,10 +236,7 @@ class Trainer:
 
     def _export(self, out_dir: Path) -> Path:
         """The model in open_clip's layout (under FSDP gathered from all processes: every one calls this)."""
-        if self.sharding is None:
-            state = self.unwrapped.state_dict() if self.accelerator.is_main_process else {}
-        else:
-            state = full_state_dict(self.model)  # a collective
+        state = self.plan.full_state_dict()
         if self.accelerator.is_main_process:
             export_model(self.bundle, out_dir, overwrite=True, state_dict=state)
         self.accelerator.wait_for_everyone()
@@ -288,10 +245,7 @@ class Trainer:
     def _wise_ft(self) -> dict[str, Any]:
         """Evaluate and export (1 - alpha) * start + alpha * final weights beside the model."""
         merged = wise_ft_state_dict(self.output_dir, self.train_cfg.wise_ft_alpha)
-        if self.sharding is None:
-            self.unwrapped.load_state_dict(merged, strict=True)
-        else:  # every process read the whole merge from disk and keeps its shards of it
-            load_full_state_dict(self.model, merged)
+        self.plan.load_full_state_dict(merged)  # every process read the whole merge from disk
         metrics = {f"wise_ft/{k}": v for k, v in self.evaluate(prefix="wise_ft/").items()}
         exported = self._export(self.output_dir / WISE_FT_MODEL_DIR)
         if self.accelerator.is_main_process:
@@ -355,9 +309,8 @@ class Trainer:
         log_step = self._is_log_step(self.state.step + 1)
         micro_batches = [self.to_device(images, tokens) for images, tokens in micro_batches]
         self.model.train()
-        no_sync = gradient_sync_off if self.sharding else self.accelerator.no_sync
         loss = contrastive_backward(
-            self.model, self.loss_fn, micro_batches, self.accelerator, no_sync=no_sync
+            self.model, self.loss_fn, micro_batches, self.accelerator, no_sync=self.plan.no_sync
         )
         grad_norm = self._clip_gradients(measure=log_step)
         loss = self.accelerator.reduce(loss, reduction="mean")  # identical on every process from here on
@@ -398,11 +351,7 @@ class Trainer:
         max_norm = self.optim_cfg.grad_clip_norm
         if max_norm is None and not measure:
             return None
-        trainable = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if self.sharding is None:
-            return self.accelerator.clip_grad_norm_(trainable, max_norm or math.inf)
-        # DTensor gradients: the norm is reduced over all shards, so every process clips by the same factor.
-        return full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm or math.inf))
+        return self.plan.clip_gradients(max_norm)
 
     def _account_nonfinite(self, finite: bool, loss: torch.Tensor) -> None:
         state = self.state
@@ -429,7 +378,7 @@ class Trainer:
             "nonfinite_skips": self.state.nonfinite_skips,
         }
         if getattr(self.unwrapped, "logit_bias", None) is not None:
-            metrics["logit_bias"] = full_value(self.unwrapped.logit_bias.detach()).item()
+            metrics["logit_bias"] = self.plan.full_value(self.unwrapped.logit_bias.detach()).item()
         if self.state.consecutive_nonfinite == 0:
             self.state.last_finite = {
                 "step": self.state.step,
@@ -450,7 +399,7 @@ class Trainer:
 
     def _logit_scale(self) -> float:
         """exp(logit_scale); a collective under FSDP (every process calls it, on log steps)."""
-        return full_value(self.unwrapped.logit_scale.detach()).exp().item()
+        return self.plan.full_value(self.unwrapped.logit_scale.detach()).exp().item()
 
     # -- checkpoints, evaluation and export -----------------------------------------------------
     def checkpoint(self) -> Path:
@@ -465,31 +414,18 @@ class Trainer:
             trainer_state={
                 "run": asdict(self.state),
                 "data": gather_object([self.stream.state_dict()]),
-                "sharded": self.sharding is not None,
+                "sharded": self.plan.sharded,
             },
             open_clip_config=open_clip_config,
             keep=self.train_cfg.keep_checkpoints,
-            sharded=self._sharded_state(),
-            write_extra=self._save_ema if self.ema is not None and self.sharding is None else None,
+            **self.plan.checkpoint_parts(self.ema),
         )
-
-    def _sharded_state(self) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict] | None:
-        """Under FSDP: what every process saves and loads through torch.distributed.checkpoint."""
-        if self.sharding is None:
-            return None
-        return self.model, self.optimizer, {} if self.ema is None else self.ema.sharded_state()
-
-    def _save_ema(self, directory: Path) -> None:
-        """DDP: every process holds the same average; one writes it."""
-        if self.accelerator.is_main_process:
-            self.ema.save(directory)
 
     def evaluate(self, prefix: str = "") -> dict[str, Any]:
         """Evaluate the model as it is now; metrics are logged with `prefix` and returned without it."""
         # Under FSDP the processes may run different numbers of batches (their shares of the set differ
         # by up to one sample), so the model is gathered once for the whole evaluation, not per forward.
-        gathered = _gathered(self.model, self.sharding) if self.sharding else contextlib.nullcontext()
-        with gathered:
+        with self.plan.gathered():
             metrics = evaluate(
                 self.unwrapped,
                 self.bundle,
@@ -501,10 +437,14 @@ class Trainer:
             self.logger.log(self.state.step, {f"{prefix}{k}": v for k, v in metrics.items()})
         return metrics
 
-    def close(self) -> None:
+    def close(self, *, keep_process_group: bool = False) -> None:
+        """Close the logger and end the process group (`keep_process_group`: another Trainer follows in
+        this process, e.g. tests/train_matrix.py)."""
         if self.logger is not None:
             self.logger.close()
-        self.accelerator.end_training()
+            self.logger = None
+        if not keep_process_group:
+            self.accelerator.end_training()
 
     # -- helpers --------------------------------------------------------------------------------
     def _bundle_with_trained_model(self) -> ModelBundle:
@@ -524,6 +464,27 @@ class Trainer:
 
 def _plain(node) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
+
+
+def resolve_precision(setting: str) -> str:
+    """`train.precision=auto`: bf16 where the training device computes in it natively (a CUDA GPU with bf16
+    support: Ampere and newer), else fp32 (CPUs, older GPUs). Other settings are returned as they are."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _with_precision(cfg: DictConfig) -> DictConfig:
+    """`cfg` with train.precision=auto resolved (a copy; logged once), so config.yaml records what ran."""
+    chosen = resolve_precision(cfg.train.precision)
+    if chosen == cfg.train.precision:
+        return cfg
+    log.info("train.precision=auto: %s on this machine (set train.precision to choose)", chosen)
+    cfg = cfg.copy()
+    cfg.train.precision = chosen
+    return cfg
 
 
 def _configure_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -561,37 +522,6 @@ def _set_tf32(config: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = config.tf32
     if config.tf32 and config.precision == "fp32" and torch.cuda.get_device_capability(device)[0] >= 8:
         log.info("train.tf32: float32 matmuls run on TF32 tensor cores (train.tf32=false turns this off)")
-
-
-def _autocast_forward(model: torch.nn.Module, accelerator) -> None:
-    """Forward under autocast, as Accelerate's prepare sets it up, but with the outputs left in the autocast
-    dtype: Accelerate also converts them to float32, and then the features would cross the loss's all-gather
-    or ring exchange in float32, twice the bytes of bf16. The losses upcast after the exchange and do their
-    math in float32 (clipkit.losses.distributed). Replaces the forward Accelerate's prepare installed (DDP
-    path); `accelerator.unwrap_model(..., keep_fp32_wrapper=False)` still restores the original."""
-    from accelerate.utils import get_mixed_precision_context_manager
-
-    if not accelerator.native_amp:
-        return
-    context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
-    model.forward = MethodType(context(type(model).forward), model)
-
-
-@contextlib.contextmanager
-def _gathered(model: torch.nn.Module, sharding: Sharding):
-    """Every FSDP unit unsharded for the duration (no collectives per forward), resharded afterwards."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    model.set_reshard_after_forward(False)  # recursive: no unit reshards after its forward
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-        model.set_reshard_after_forward(sharding.reshard_after_forward)
 
 
 def _json_ready(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
