@@ -215,22 +215,24 @@ class Trainer:
         exported = self._export(self.output_dir / "model")
         if self.train_cfg.wise_ft_alpha is not None:
             metrics.update(self._wise_ft())
-        if self.accelerator.is_main_process:
-            _print_summary(metrics, exported)
-            print(
-                write_run_report(
-                    output_dir=self.output_dir,
-                    exported=exported,
-                    bundle=self._bundle_with_trained_model(),
-                    data=self.data_cfg,
-                    metrics=metrics,
-                    steps=self.state.step,
-                    samples=self.state.step * self.samples_per_step,
-                    elapsed_s=time.perf_counter() - self.started,
-                    device=self.accelerator.device,
-                ),
-                flush=True,
-            )
+        # The report draws with the model: whole on the main process (under FSDP every process gathers).
+        with self.plan.gathered():
+            if self.accelerator.is_main_process:
+                _print_summary(metrics, exported)
+                print(
+                    write_run_report(
+                        output_dir=self.output_dir,
+                        exported=exported,
+                        bundle=self._bundle_with_trained_model(),
+                        data=self.data_cfg,
+                        metrics=metrics,
+                        steps=self.state.step,
+                        samples=self.state.step * self.samples_per_step,
+                        elapsed_s=time.perf_counter() - self.started,
+                        device=self.accelerator.device,
+                    ),
+                    flush=True,
+                )
         self.accelerator.wait_for_everyone()
         return metrics
 
