@@ -107,6 +107,7 @@ def test_precision_auto_is_fp32_on_a_cpu_and_written_to_config_yaml(tmp_path, ca
         trainer = Trainer(cfg, launch_env={})
         trainer.close()
     chosen = resolve_precision("auto")
+    assert cfg.train.precision == "auto"  # the caller's config is left as it was
     assert OmegaConf.load(tmp_path / "r" / "config.yaml").train.precision == chosen
     assert [r.getMessage() for r in caplog.records if "precision=auto" in r.getMessage()] == [
         f"train.precision=auto: {chosen} on this machine (set train.precision to choose)"

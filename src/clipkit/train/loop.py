@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -484,7 +485,7 @@ def _with_precision(cfg: DictConfig) -> DictConfig:
     if chosen == cfg.train.precision:
         return cfg
     log.info("train.precision=auto: %s on this machine (set train.precision to choose)", chosen)
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.precision = chosen
     return cfg
 

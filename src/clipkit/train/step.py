@@ -18,7 +18,7 @@ import torch
 def forward_towers(model, images: torch.Tensor, tokens: torch.Tensor):
     """(image_features (B, D), text_features (B, D), logit_scale (exp'd), logit_bias or None)."""
     out = model(images, tokens)
-    # Under FSDP the logit parameters are 1-element vectors (sharding.shard_model); the loss takes scalars.
+    # Under FSDP the logit parameters are 1-element vectors (parallel.shard_model); the loss takes scalars.
     logit_bias = out[3].reshape(()) if len(out) > 3 and out[3] is not None else None
     return out[0], out[1], out[2].reshape(()), logit_bias
 
