@@ -45,6 +45,7 @@ from clipkit.train.sharding import (
     stop_accelerate_from_sharding,
 )
 from clipkit.train.step import contrastive_backward
+from clipkit.train.throughput import measure_throughput
 from clipkit.train.wise_ft import START_MODEL_DIR, WISE_FT_MODEL_DIR, export_start_model, wise_ft_state_dict
 
 log = logging.getLogger("clipkit.train")
@@ -185,6 +186,14 @@ class Trainer:
         """Wrap the model (DDP through Accelerate, or FSDP2 here), then build the optimizer and compile."""
         accelerator = self.accelerator
         model = _configure_model(self.bundle.model, self.train_cfg)
+        self.throughput = measure_throughput(  # FLOPs counted once, on the configured model before wrapping
+            model,
+            self.bundle,
+            device=accelerator.device,
+            precision=self.train_cfg.precision,
+            tf32=self.train_cfg.tf32,
+            processes=accelerator.num_processes,
+        )
         if self.sharding is None:
             optimizer = build_optimizer(model, self.optim_cfg)
             scheduler = build_scheduler(optimizer, self.optim_cfg, self.train_cfg.steps)
@@ -322,7 +331,8 @@ class Trainer:
                 log_step = self._is_log_step(step)
                 if log_step:
                     elapsed = time.perf_counter() - window_start
-                    step_metrics["samples_per_s"] = self.samples_per_step * window_steps / elapsed
+                    samples_per_s = self.samples_per_step * window_steps / elapsed
+                    step_metrics.update(self.throughput.metrics(samples_per_s))  # + tflops, mfu
                     self._log(step_metrics, progress)
                     window_start, window_steps = time.perf_counter(), 0
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against samples/s
@@ -441,6 +451,8 @@ class Trainer:
             "lr": f"{metrics['lr']:.2e}",
             "scale": f"{metrics['logit_scale']:.1f}",
             "samples_s": f"{metrics['samples_per_s']:.0f}",
+            **({"tflops": f"{metrics['tflops']:.3g}"} if metrics.get("tflops") is not None else {}),
+            **({"mfu": f"{metrics['mfu']:.1%}"} if metrics.get("mfu") is not None else {}),
         }
         if "logit_bias" in metrics:
             postfix["bias"] = f"{metrics['logit_bias']:.2f}"
