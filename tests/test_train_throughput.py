@@ -67,7 +67,9 @@ def test_training_flops_are_the_hand_count_of_forward_and_backward():
     assert counted == analytic_training_flops(**TINY)
     # Per sample: a batch of 3 counts 3x the FLOPs and reports the same figure.
     images, tokens = example_inputs(bundle)
-    assert training_flops_per_sample(bundle.model, images.expand(3, -1, -1, -1), tokens.expand(3, -1)) == counted
+    assert (
+        training_flops_per_sample(bundle.model, images.expand(3, -1, -1, -1), tokens.expand(3, -1)) == counted
+    )
 
 
 def test_a_frozen_image_tower_is_counted_forward_only():
@@ -105,7 +107,9 @@ def test_vit_b_16_count_is_the_analytic_count():
         image_size=224, patch_size=16, vision_width=768, vision_layers=12,
         context_length=77, text_width=512, text_layers=12, embed_dim=512,
     )  # fmt: skip
-    assert training_flops_per_sample(bundle.model, *example_inputs(bundle)) == analytic_training_flops(**sizes)
+    assert training_flops_per_sample(bundle.model, *example_inputs(bundle)) == analytic_training_flops(
+        **sizes
+    )
 
 
 @pytest.mark.parametrize(
