@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from clipkit.configs import config_dir
 from clipkit.errors import ClipkitError
 from clipkit.train.argv import quote_shard_specs
+from clipkit.train.schema import register_schema
 
 
 def _configure_logging() -> None:
@@ -28,6 +29,7 @@ def _configure_logging() -> None:
 def main() -> None:
     """`python -m clipkit.train`, `accelerate launch -m clipkit.train` and `clipkit train` all start here."""
     sys.argv = [sys.argv[0], *quote_shard_specs(sys.argv[1:])]
+    register_schema()  # conf/config.yaml's defaults list starts with it
     _hydra_main()
 
 

@@ -27,7 +27,7 @@ from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
+from clipkit.train.config import OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.device_input import split_normalisation
 from clipkit.train.ema import WeightEMA
 from clipkit.train.evaluation import evaluate
@@ -100,7 +100,7 @@ class Trainer:
         self.started = time.perf_counter()  # the summary's time includes data generation and setup
         self.train_cfg = config_from_dict(TrainConfig, _plain(cfg.train), group="train")
         self.optim_cfg = config_from_dict(OptimConfig, _plain(cfg.optim), group="optim")
-        logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
+        logger = instantiate(cfg.logger)  # conf/logger: built from its _target_, as the loss is
         model_cfg = ModelConfig.from_dict(_plain(cfg.model), origin="model")
         data_cfg = DataConfig.from_dict(_plain(cfg.data))
         if self.train_cfg.keep_freed_memory:
@@ -155,7 +155,7 @@ class Trainer:
         self.logger = None
         if accelerator.is_main_process:
             self.logger = MetricsLogger(
-                self.output_dir, logger_cfg, run_config=_plain(cfg), resume_step=self.state.step
+                self.output_dir, logger, run_config=_plain(cfg), resume_step=self.state.step
             )
 
     # -- setup ------------------------------------------------------------------------------------
