@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -53,7 +52,9 @@ def schema_of(cls: type) -> type:
 
 def _checkable(hint):
     arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-    if len([arm for arm in arms if arm is not type(None)]) > 1:
+    others = [arm for arm in arms if arm is not type(None)]
+    # OmegaConf 2.3 cannot assign a mapping or list to an Optional container that is None (AttributeError).
+    if len(others) > 1 or (others and typing.get_origin(others[0]) in (dict, list)):
         return Any
     return hint
 
@@ -78,8 +79,8 @@ def register_schema() -> None:
     ConfigStore.instance().store(name=ROOT_SCHEMA, node=root_schema())
 
 
-def compose_config(*overrides: str, conf: Path | None = None) -> DictConfig:
+def compose_config(*overrides: str) -> DictConfig:
     """conf/config.yaml composed with `overrides`, as `python -m clipkit.train` composes it."""
     register_schema()
-    with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("config", overrides=list(overrides))
