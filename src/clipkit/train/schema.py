@@ -2,9 +2,10 @@
 
 conf/config.yaml starts its defaults list with `clipkit_schema`, the root node registered here: one typed
 node per group whose settings are a dataclass (model, data, optim, train), built from that dataclass's own
-fields and defaults; loss and logger are objects built from their `_target_`, whose keyword defaults are
-their constructors'. Hydra then refuses a misspelled key or a value of the wrong type with its own message,
-before anything runs; the Trainer still builds each dataclass (its checks run there).
+fields and defaults. loss and logger are objects built from their `_target_` and are left open: their files
+list the constructor's arguments (tests/test_configs.py checks the names). Hydra then refuses a misspelled
+key or a value of the wrong type with its own message, before anything runs; the Trainer still builds each
+dataclass (its range checks run there).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ GROUP_DATACLASSES: dict[str, type] = {
 
 def schema_of(cls: type) -> type:
     """A dataclass with `cls`'s user fields and defaults, typed as OmegaConf can check them: a union of
-    several types (`str | list[str] | None`) becomes Any, which OmegaConf takes as it comes."""
+    several types (`str | list[str] | None`) or an optional container becomes Any, taken as it comes."""
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
