@@ -13,16 +13,14 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from hydra import compose, initialize_config_dir
 
-from clipkit.configs import config_dir
 from clipkit.train import Trainer
+from clipkit.train.schema import compose_config
 
 
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(*overrides)
     trainer = Trainer(cfg)
     patch_dropout = trainer.unwrapped.visual.patch_dropout
     patch_dropout.train()

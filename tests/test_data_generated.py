@@ -10,16 +10,15 @@ import multiprocessing
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
 from clipkit.cli.main import main as clipkit_main
-from clipkit.configs import config_dir
 from clipkit.data import DataConfig, prepare_data
 from clipkit.data.shards import iter_shard_samples
 from clipkit.data.synthetic import CLASSNAMES, COLOURS, write_synthetic_dataset
 from clipkit.errors import ClipkitError
+from clipkit.train.schema import compose_config
 
 
 def samples_of(directory) -> list[dict]:
@@ -104,8 +103,7 @@ def test_digits_dataset_builds_with_a_stratified_split(tmp_path, capsys):
 
 
 def _compose_data(option: str) -> dict:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[f"data={option}"])
+    cfg = compose_config(f"data={option}")
     return OmegaConf.to_container(cfg.data, resolve=True)
 
 

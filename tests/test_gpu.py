@@ -4,8 +4,8 @@
 - the losses keep float32 math on CUDA, with bf16 features and with TF32 turned on for the process;
 - the real trainer command trains `tiny` on CUDA in bf16 with torch.compile, and its export loads;
 - the trainer puts the model on the GPU with fused AdamW, and fp32 training runs its matmuls in TF32;
-- attention runs through fused scaled-dot-product kernels (flash / cuDNN / efficient), never a softmax;
-- the FLOP count behind the benchmark's MFU equals the analytic count of ViT-B-16.
+- attention runs through fused scaled-dot-product kernels (flash / cuDNN / efficient), never a softmax.
+(The FLOP count behind MFU runs on meta tensors: tests/test_train_throughput.py checks ViT-B-16's on a CPU.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from clipkit.losses import ClipLoss, SigLipLoss
 from clipkit.models import build_model
 from conftest import REPO_ROOT, subprocess_env
 from test_configs import compose_config
-from test_gpu_check import analytic_forward_flops, bench_gpu
+from test_gpu_check import bench_gpu
 from test_losses import REFERENCE, START, features, value_and_grads
 
 pytestmark = [
@@ -162,15 +162,3 @@ def test_attention_runs_fused_kernels(restore_tf32):
     assert ops & FUSED_ATTENTION, ops
     vision = set(bench_gpu.attention_ops(model.visual, images))  # no mask: the flash kernel applies
     assert vision & {"aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_cudnn_attention"}
-
-
-def test_flop_count_is_the_analytic_count_of_vit_b_16():
-    model = build_model("vit-b-16").model.cuda()
-    images = torch.randn(2, 3, 224, 224, device="cuda")
-    tokens = torch.randint(1, 49407, (2, 77), device="cuda")
-    counted = bench_gpu.forward_flops_per_sample(model, images, tokens)
-    expected = analytic_forward_flops(
-        image_size=224, patch_size=16, vision_width=768, vision_layers=12,
-        context_length=77, text_width=512, text_layers=12, embed_dim=512,
-    )  # fmt: skip
-    assert counted == expected

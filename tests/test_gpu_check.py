@@ -1,7 +1,7 @@
 """The GPU check (scripts/gpu/) on CPU: its dry run end to end, and the pieces its MFU figure rests on.
 
-The dry run takes the GPU run's code paths (clipkit's Trainer on an in-memory batch, the FLOP count, the
-real trainer command on generated shards) at tiny sizes on the CPU.
+The dry run takes the GPU run's code paths (clipkit's Trainer on an in-memory batch, the trainer's FLOP
+count, the real trainer command on generated shards) at tiny sizes on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from clipkit.models import build_model
 from conftest import REPO_ROOT, subprocess_env
+from test_train_throughput import TINY, analytic_training_flops
 
 
 def _load_bench_gpu():
@@ -30,57 +31,25 @@ def _load_bench_gpu():
 
 bench_gpu = _load_bench_gpu()
 
-TINY = dict(  # conf/model/tiny.yaml
-    image_size=32, patch_size=4, vision_width=128, vision_layers=4,
-    context_length=16, text_width=128, text_layers=4, embed_dim=128,
-)  # fmt: skip
 
-
-def analytic_forward_flops(
-    *, image_size, patch_size, vision_width, vision_layers, context_length, text_width, text_layers, embed_dim
-) -> int:
-    """Multiply-adds x 2 of one forward of an open_clip ViT + text transformer (MLP ratio 4), per sample.
-
-    Per layer of n tokens and width w: q, k, v and output projections 8 n w^2, MLP 16 n w^2, attention
-    scores and weighted sum 4 n^2 w. Plus the patch embedding and the two final projections (one token).
-    Norms, softmax and activations are not matmuls and are not counted (nor by torch's counter).
-    """
-
-    def transformer(n, w, layers):
-        return layers * (24 * n * w * w + 4 * n * n * w)
-
-    patches = (image_size // patch_size) ** 2
-    patch_embed = 2 * (3 * patch_size * patch_size) * vision_width * patches
-    vision = (
-        patch_embed + transformer(patches + 1, vision_width, vision_layers) + 2 * vision_width * embed_dim
-    )
-    text = transformer(context_length, text_width, text_layers) + 2 * text_width * embed_dim
-    return vision + text
-
-
-def tiny_inputs(batch=2):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, 32, 32, generator=generator)
-    return images, torch.randint(1, 49407, (batch, 16), generator=generator)
-
-
-def test_flop_count_is_the_analytic_count():
-    model = build_model("tiny").model
-    assert bench_gpu.forward_flops_per_sample(model, *tiny_inputs()) == analytic_forward_flops(**TINY)
+def test_mfu_is_the_trainers_figure():
+    # bench_gpu reads clipkit.train.throughput: the same FLOPs and peak table as the training log.
+    assert bench_gpu.mfu(10**9, 1000.0, "NVIDIA H200") == pytest.approx(1e12 / 989.4e12)
+    assert bench_gpu.mfu(10**9, 1000.0, "NVIDIA A100-SXM4-80GB") == pytest.approx(1e12 / 312e12)
+    assert bench_gpu.mfu(10**9, 1000.0, "some other device") is None  # unknown peak: no figure
+    assert bench_gpu.mfu(None, 1000.0, "NVIDIA H200") is None
 
 
 def test_attention_goes_through_scaled_dot_product_attention():
     # open_clip's blocks call nn.MultiheadAttention without weights, which runs F.scaled_dot_product_attention:
     # on a GPU the flash kernel (tests/test_gpu.py checks it there), on CPU its CPU counterpart.
-    ops = bench_gpu.attention_ops(build_model("tiny").model.train(), *tiny_inputs())
+    generator = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(2, 3, 32, 32, generator=generator),
+        torch.randint(1, 49407, (2, 16), generator=generator),
+    )
+    ops = bench_gpu.attention_ops(build_model("tiny").model.train(), *inputs)
     assert ops == ["aten._scaled_dot_product_flash_attention_for_cpu"]
-
-
-def test_mfu_is_three_forward_flops_per_second_over_the_device_peak():
-    assert bench_gpu.mfu(1e9, 1000.0, "NVIDIA H200") == pytest.approx(3e12 / 989.4e12)
-    assert bench_gpu.mfu(1e9, 1000.0, "NVIDIA A100-SXM4-80GB") == pytest.approx(3e12 / 312e12)
-    assert bench_gpu.mfu(1e9, 1000.0, "some other device") is None  # unknown peak: no figure
-    assert bench_gpu.mfu(None, 1000.0, "NVIDIA H200") is None
 
 
 def readme_dry_run_command() -> str:
@@ -111,7 +80,7 @@ def test_readme_dry_run_measures_through_the_trainer():
     eager = tiny["eager"]
     assert eager["status"] == "ok" and eager["device"] == "cpu"
     assert eager["batch_size"] == 8 and eager["search"] == [{"batch_size": 8, "fits": True}]
-    assert eager["flops_per_sample"] == analytic_forward_flops(**TINY)
+    assert eager["flops_per_sample"] == analytic_training_flops(**TINY)  # the trainer's own count
     assert eager["attention_ops"] == ["aten._scaled_dot_product_flash_attention_for_cpu"]
     assert eager["timing"]["steps"] == 2 and eager["timing"]["samples_per_s"] > 0
     assert eager["mfu"] is None  # no known peak for a CPU

@@ -188,7 +188,7 @@ def test_unknown_config_key_and_choice_fail_before_training(tmp_path):
         )
 
     result = train("train.stpes=5")
-    assert result.returncode != 0 and "Key 'stpes' is not in struct" in result.stderr
+    assert result.returncode != 0 and "Key 'stpes' not in 'TrainConfig'" in result.stderr  # the schema
     result = train("model=tinyy")
     assert result.returncode != 0
     assert "Could not find 'model/tinyy'" in result.stderr and "tiny" in result.stderr

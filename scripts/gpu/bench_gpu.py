@@ -9,8 +9,9 @@ For each model:
   - shard loader: the real `python -m clipkit.train` command at the same batch size on webdataset shards
     generated for the run (`data=synthetic` at 256 px, as img2dataset would resize), with its samples/s
     as the trainer logs it (the first log window, with start-up, left out).
-MFU = model FLOPs per sample (torch.utils.flop_counter on one forward, x3 for forward + backward)
-      x samples/s / the GPU's dense bf16 peak (PEAK_BF16_FLOPS, by device name; null for another device).
+MFU = model FLOPs per sample x samples/s / the GPU's dense bf16 peak, by the trainer's own code
+      (clipkit.train.throughput: FLOPs of one sample's forward + backward counted by torch.utils.flop_counter,
+      the peak from its table by device name; null for a device it does not list).
 
     python scripts/gpu/bench_gpu.py --out gpu.json   # on a GPU; ends within --budget-s (default 330 s)
     python scripts/gpu/bench_gpu.py --dry-run        # on CPU: tiny model, 32 px, batch 8, 2 steps
@@ -39,22 +40,14 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+
+from clipkit.train.throughput import Throughput, peak_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the shared report writer
 from _report import write_report  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, by torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "NVIDIA H200": 989.4e12,
-    "NVIDIA H100 80GB HBM3": 989.4e12,  # SXM
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-}
 RESULT = "RESULT "  # a child process's result lines on stdout start with this
 
 
@@ -162,12 +155,9 @@ def run_overrides(plan: Plan, work_dir: Path, model: str, *, compile: bool, batc
 
 
 def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from clipkit.train.schema import compose_config as compose
 
-    from clipkit.configs import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose(*overrides)
 
 
 def generate_shards(plan: Plan, work_dir: Path) -> None:
@@ -182,24 +172,17 @@ def generate_shards(plan: Plan, work_dir: Path) -> None:
 
 # -- measurements inside one process ------------------------------------------------------------------
 def peak_bf16_flops(device_name: str) -> float | None:
-    return PEAK_BF16_FLOPS.get(device_name)
+    return peak_flops(device_name, "bf16")
 
 
-def mfu(flops_per_sample: float | None, samples_per_s: float | None, device_name: str) -> float | None:
-    """Model FLOPs utilisation: forward FLOPs x 3 (forward + backward) per second over the dense peak."""
-    peak = peak_bf16_flops(device_name)
-    if peak is None or not flops_per_sample or not samples_per_s:
+def mfu(flops_per_sample: int | None, samples_per_s: float | None, device_name: str) -> float | None:
+    """Model FLOPs utilisation of one device, as the trainer logs it (clipkit.train.throughput)."""
+    if not samples_per_s:
         return None
-    return 3 * flops_per_sample * samples_per_s / peak
-
-
-def forward_flops_per_sample(model: torch.nn.Module, images: torch.Tensor, *rest: torch.Tensor) -> float:
-    """FLOPs of one forward of `model(images, *rest)` (both towers: `rest` = tokens) per sample, as torch's
-    FLOP counter sees them (matmuls, convolutions, attention kernels) under bf16 autocast."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16):
-        model(images, *rest)
-    return counter.get_total_flops() / images.shape[0]
+    throughput = Throughput(
+        flops_per_sample=flops_per_sample, peak_flops=peak_bf16_flops(device_name), processes=1
+    )
+    return throughput.metrics(samples_per_s)["mfu"]
 
 
 class _AtenOps(TorchDispatchMode):
@@ -340,10 +323,11 @@ def child_in_memory(spec: dict) -> None:
                 trainer, sample, start=plan.start_batch, limit=plan.max_batch, deadline=deadline
             )
             emit({"batch_size": size, "search": probes})
+            # The count the trainer made at its start and logs tflops and mfu with.
+            emit({"flops_per_sample": trainer.throughput.flops_per_sample})
             # The model itself, called directly, takes the normalised float images the trainer makes of the
             # stream's uint8 ones (train.uint8_images); Trainer.step normalises by itself.
             few = trainer.to_device(*tile(sample, 2))
-            emit({"flops_per_sample": forward_flops_per_sample(trainer.unwrapped, *few)})
             emit({"attention_ops": attention_ops(trainer.unwrapped, *few)})
             emit({"feature_dtype": feature_dtype(trainer.unwrapped, *few)})
         else:

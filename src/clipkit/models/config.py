@@ -44,7 +44,8 @@ class ModelConfig:
     # A SentencePiece tokenizer (directory from `clipkit tokenizer train`, or its .model file) instead of
     # the text config's own; the text tower then takes its vocab size and pools at its end token.
     tokenizer: str | None = None
-    # Weights to start from: a .safetensors / .pt state dict, or an exported model directory.
+    # Weights to start from: an open_clip tag of the architecture, hf-hub:ORG/NAME, a model directory or a
+    # weights file (.safetensors / .pt state dict).
     pretrained: str | None = None
     # Logit parameters at initialisation; None means "whatever the loss starts from".
     init_logit_scale: float | None = None

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from clipkit.configs import config_dir
 from clipkit.errors import ClipkitError
 from clipkit.train.argv import quote_shard_specs
+from clipkit.train.schema import register_schema
 
 
 def _configure_logging(launch_env: Mapping[str, str]) -> None:
@@ -48,6 +49,7 @@ def main(arguments: Sequence[str] | None = None) -> None:
     # What @hydra.main does, with the overrides passed in instead of read from sys.argv (which would have
     # to be rewritten to quote shard specs): Hydra's own parser, so --cfg, --help and -m work as usual.
     version.setbase("1.3")
+    register_schema()  # conf/config.yaml's defaults list starts with it
     parser = get_args_parser()
     overrides = quote_shard_specs(list(sys.argv[1:] if arguments is None else arguments))
     _run_hydra(

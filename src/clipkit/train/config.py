@@ -1,4 +1,8 @@
-"""The training loop's own small configs: one keyword-only dataclass per Hydra group it reads."""
+"""The training loop's own small configs: one keyword-only dataclass per Hydra group it reads.
+
+These dataclasses are the schema of conf/train and conf/optim (clipkit.train.schema): their defaults are the
+only ones; the YAML files hold what differs.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +36,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | none | PATH to a checkpoint directory
-    max_nonfinite_steps: int = 5  # abort after this many skipped (non-finite) steps in a row
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir) | none | PATH to a checkpoint
+    max_nonfinite_steps: int = 5  # a non-finite loss or gradient skips the step; this many in a row abort
     compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
     lock_image: bool = False  # LiT: freeze the image tower
     lock_image_unlocked_groups: int = 0  # with lock_image: this many top layer groups stay trainable
     lock_text: bool = False  # freeze the text tower
@@ -45,9 +49,13 @@ class TrainConfig:
     ema_decay: float | None = None  # keep an EMA of the weights; it is evaluated and exported as the model
     wise_ft_alpha: float | None = None  # also export (1 - alpha) * start + alpha * final weights (WiSE-FT)
     eval_at_start: bool = False  # evaluate before the first step (the baseline for forgetting)
-    keep_freed_memory: bool = True  # reuse freed host memory across steps (clipkit.train.allocator)
-    sharding: str = "auto"  # auto (from the accelerate launch config) | none (DDP) | full | grad_op (FSDP2)
-    tf32: bool = True  # TF32 tensor cores for float32 matmuls on Ampere+ GPUs
+    # Keep freed host memory for the next step instead of returning it to the OS (~10% faster CPU steps;
+    # clipkit.train.allocator).
+    keep_freed_memory: bool = True
+    # auto: FSDP2 when launched with conf/accelerate/fsdp*.yaml, else DDP | none (DDP) | full (ZeRO-3-like)
+    # | grad_op (ZeRO-2-like)
+    sharding: str = "auto"
+    tf32: bool = True  # float32 matmuls on TF32 tensor cores (Ampere and newer GPUs); false: full float32
     uint8_images: bool = True  # images travel as uint8 and are normalised on the device (train.device_input)
 
     def __post_init__(self):
@@ -78,16 +86,17 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
-    schedule: str = "cosine"
-    grad_clip_norm: float | None = None
-    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA); falls back to the loop where unsupported
+    schedule: str = "cosine"  # cosine | constant (after linear warmup)
+    grad_clip_norm: float | None = None  # e.g. 1.0
+    # torch's fused AdamW kernel (CPU and CUDA), 3-7x faster optimizer step; false: the per-tensor loop
+    fused: bool = True
     # Per tower (None: the base value above) and layer-wise lr decay (None: off); see train/param_groups.py.
     image_lr: float | None = None
     text_lr: float | None = None
     image_weight_decay: float | None = None
     text_weight_decay: float | None = None
-    layer_decay: float | None = None  # both towers: the last block gets lr, each block below lr x decay
-    image_layer_decay: float | None = None
+    layer_decay: float | None = None  # e.g. 0.75: the last block gets lr, each block below lr x decay
+    image_layer_decay: float | None = None  # per tower (None: layer_decay)
     text_layer_decay: float | None = None
 
     def __post_init__(self):
@@ -102,12 +111,3 @@ class OptimConfig:
             value = getattr(self, key)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ClipkitError(f"optim.{key}={value} must be in (0, 1], e.g. 0.75 (null: off)")
-
-
-@dataclass(kw_only=True)
-class LoggerConfig:
-    name: str = "none"  # none | wandb
-    mode: str = "offline"  # wandb: offline | online | disabled
-    project: str = "clipkit"
-    entity: str | None = None
-    run_name: str | None = None

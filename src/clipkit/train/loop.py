@@ -27,13 +27,14 @@ from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import resolve_resume, save_checkpoint
-from clipkit.train.config import LoggerConfig, OptimConfig, TrainConfig, config_from_dict
+from clipkit.train.config import OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.device_input import split_normalisation
 from clipkit.train.evaluation import evaluate
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.parallel import build_accelerator, build_plan
 from clipkit.train.report import write_run_report
 from clipkit.train.step import contrastive_backward
+from clipkit.train.throughput import measure_throughput
 from clipkit.train.wise_ft import START_MODEL_DIR, WISE_FT_MODEL_DIR, export_start_model, wise_ft_state_dict
 
 log = logging.getLogger("clipkit.train")
@@ -95,7 +96,7 @@ class Trainer:
         cfg = _with_precision(cfg)  # `auto` resolved, so config.yaml says what ran
         self.train_cfg = config_from_dict(TrainConfig, _plain(cfg.train), group="train")
         self.optim_cfg = config_from_dict(OptimConfig, _plain(cfg.optim), group="optim")
-        logger_cfg = config_from_dict(LoggerConfig, _plain(cfg.logger), group="logger")
+        logger = instantiate(cfg.logger)  # conf/logger: built from its _target_, as the loss is
         model_cfg = ModelConfig.from_dict(_plain(cfg.model), origin="model")
         data_cfg = DataConfig.from_dict(_plain(cfg.data))
         if self.train_cfg.keep_freed_memory:
@@ -145,7 +146,7 @@ class Trainer:
         self.logger = None
         if accelerator.is_main_process:
             self.logger = MetricsLogger(
-                self.output_dir, logger_cfg, run_config=_plain(cfg), resume_step=self.state.step
+                self.output_dir, logger, run_config=_plain(cfg), resume_step=self.state.step
             )
 
     # -- setup ------------------------------------------------------------------------------------
@@ -164,6 +165,14 @@ class Trainer:
     def _setup_model(self) -> None:
         """Wrap the model as the plan says (with the optimizer and scheduler), then compile."""
         model = _configure_model(self.bundle.model, self.train_cfg)
+        self.throughput = measure_throughput(  # FLOPs counted once, on the configured model before wrapping
+            model,
+            self.bundle,
+            device=self.accelerator.device,
+            precision=self.train_cfg.precision,
+            tf32=self.train_cfg.tf32,
+            processes=self.accelerator.num_processes,
+        )
         self.model, self.optimizer, self.scheduler = self.plan.setup(
             model, self.accelerator, self.optim_cfg, self.train_cfg.steps
         )
@@ -279,7 +288,8 @@ class Trainer:
                 log_step = self._is_log_step(step)
                 if log_step:
                     elapsed = time.perf_counter() - window_start
-                    step_metrics["samples_per_s"] = self.samples_per_step * window_steps / elapsed
+                    samples_per_s = self.samples_per_step * window_steps / elapsed
+                    step_metrics.update(self.throughput.metrics(samples_per_s))  # + tflops, mfu
                     self._log(step_metrics, progress)
                     window_start, window_steps = time.perf_counter(), 0
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against samples/s
@@ -393,6 +403,8 @@ class Trainer:
             "lr": f"{metrics['lr']:.2e}",
             "scale": f"{metrics['logit_scale']:.1f}",
             "samples_s": f"{metrics['samples_per_s']:.0f}",
+            **({"tflops": f"{metrics['tflops']:.3g}"} if metrics.get("tflops") is not None else {}),
+            **({"mfu": f"{metrics['mfu']:.1%}"} if metrics.get("mfu") is not None else {}),
         }
         if "logit_bias" in metrics:
             postfix["bias"] = f"{metrics['logit_bias']:.2f}"
