@@ -25,7 +25,9 @@ def coverage(draw, true_value: float) -> float:
     """Share of simulated test sets whose interval contains the true value."""
     covered = 0
     for trial in range(TRIALS):
-        interval = bootstrap_interval(draw(torch.Generator().manual_seed(trial)), resamples=RESAMPLES, seed=trial)
+        interval = bootstrap_interval(
+            draw(torch.Generator().manual_seed(trial)), resamples=RESAMPLES, seed=trial
+        )
         covered += interval.low <= true_value <= interval.high
     return covered / TRIALS
 
@@ -82,7 +84,9 @@ def test_paired_comparison_finds_a_real_difference_and_not_a_null_one():
     base = torch.rand(500, generator=generator) < 0.6
     # B fixes 15% of A's mistakes and breaks nothing: a real, paired +6 points.
     better = base | (torch.rand(500, generator=generator) < 0.15)
-    comparison = paired_comparison(accuracy_scores(base), accuracy_scores(better), correct_a=base, correct_b=better)
+    comparison = paired_comparison(
+        accuracy_scores(base), accuracy_scores(better), correct_a=base, correct_b=better
+    )
     diff = (better.double().mean() - base.double().mean()).item()
     assert comparison.difference.value == pytest.approx(diff)
     assert comparison.significant and comparison.p_value < 1e-6 and comparison.test == "mcnemar"
@@ -103,6 +107,9 @@ def test_intervals_are_seeded_and_the_suite_mean_pairs_across_models():
     assert first == again and torch.equal(replicates, replicates_again)
     assert first.value == pytest.approx((sets[0].value() + sets[1].value()) / 2)
     # The mean's interval is narrower than either dataset's, as averaging independent noise is.
-    widths = [bootstrap_interval(s, resamples=400, seed=i).high - bootstrap_interval(s, resamples=400, seed=i).low for i, s in enumerate(sets)]
+    widths = [
+        bootstrap_interval(s, resamples=400, seed=i).high - bootstrap_interval(s, resamples=400, seed=i).low
+        for i, s in enumerate(sets)
+    ]
     assert first.high - first.low < min(widths)
     assert math.isclose(replicates.mean().item(), first.value, abs_tol=0.01)

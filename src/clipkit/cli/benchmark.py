@@ -45,9 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype"
+    )
     parser.add_argument("--resamples", type=int, help="bootstrap resamples (default: the suite's, else 1000)")
-    parser.add_argument("--cache-dir", help="features and classifiers cache (default: $CLIPKIT_CACHE, else ~/.cache/clipkit)")
+    parser.add_argument(
+        "--cache-dir", help="features and classifiers cache (default: $CLIPKIT_CACHE, else ~/.cache/clipkit)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="compute features without caching them")
 
 
@@ -67,7 +71,9 @@ def expand_models(specs: list[dict], checkpoints: str):
                 step = int(checkpoint.name.split("_")[1])
                 entries.append(ModelEntry(label=f"{name}@{step}", source=str(checkpoint), step=step))
             if (run_dir / "model").is_dir():
-                entries.append(ModelEntry(label=f"{name}@final", source=str(run_dir), step=_final_step(run_dir)))
+                entries.append(
+                    ModelEntry(label=f"{name}@final", source=str(run_dir), step=_final_step(run_dir))
+                )
         else:
             label = run_dir.name if run_dir.exists() else source
             if spec["pretrained"]:
@@ -109,7 +115,9 @@ def run(
     suite = read_suite(args.suite)
     if args.resamples is not None:
         if args.resamples < 100:
-            raise ClipkitError(f"--resamples {args.resamples} is too few for a 95% interval; use at least 100")
+            raise ClipkitError(
+                f"--resamples {args.resamples} is too few for a 95% interval; use at least 100"
+            )
         suite.resamples = args.resamples
     models = expand_models(args.models, args.checkpoints)
     if not models:
@@ -129,7 +137,9 @@ def run(
         cache_dir=None if args.no_cache else Path(args.cache_dir or cache_dir()),
     )
     ran = run_benchmark(models, suite, out_dir, options, rank=rank, world_size=world_size)
-    log.info("benchmark: %d (model, dataset) pairs evaluated here, the rest reused from %s", len(ran), out_dir)
+    log.info(
+        "benchmark: %d (model, dataset) pairs evaluated here, the rest reused from %s", len(ran), out_dir
+    )
     barrier()
     if rank != 0:
         return 0

@@ -21,11 +21,21 @@ import torch
 
 from clipkit.eval.classifier import load_or_build_zeroshot_classifier
 from clipkit.eval.datasets import CLASSIFICATION
-from clipkit.eval.features import SplitFeatures, load_or_encode_split, load_or_encode_texts, weights_fingerprint
+from clipkit.eval.features import (
+    SplitFeatures,
+    load_or_encode_split,
+    load_or_encode_texts,
+    weights_fingerprint,
+)
 from clipkit.eval.linear_probe import LinearProbeConfig, linear_probe, validation_split
 from clipkit.eval.metrics import TOP5_MIN_CLASSES, classification_metrics
 from clipkit.eval.suite import FEWSHOT, LINEAR_PROBE, RETRIEVAL_TASK, ZEROSHOT, DatasetSpec, Suite, TaskSpec
-from clipkit.eval.uncertainty import SampleScores, accuracy_scores, grouped_hit_scores, per_class_recall_scores
+from clipkit.eval.uncertainty import (
+    SampleScores,
+    accuracy_scores,
+    grouped_hit_scores,
+    per_class_recall_scores,
+)
 from clipkit.eval.zeroshot import CLASSIFICATION_LOGIT_SCALE
 from clipkit.files import atomic_path, write_text_atomic
 
@@ -145,7 +155,9 @@ def evaluate_dataset(
         record["tasks"][task.name] = metrics
         for metric, sample_scores in task_scores.items():
             if metric.endswith(CORRECT_SUFFIX):  # per-sample correctness, for McNemar's test
-                scores[f"{task.name}/{metric.removesuffix(CORRECT_SUFFIX)}/correct"] = sample_scores.to(torch.uint8)
+                scores[f"{task.name}/{metric.removesuffix(CORRECT_SUFFIX)}/correct"] = sample_scores.to(
+                    torch.uint8
+                )
                 continue
             for part, tensor in _flatten(sample_scores).items():
                 scores[f"{task.name}/{metric}/{part}"] = tensor

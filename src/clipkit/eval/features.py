@@ -217,7 +217,9 @@ def load_or_encode_texts(
     """(T, D) float32 normalised text embeddings of `texts`, cached like the image features."""
 
     def encode() -> torch.Tensor:
-        return encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size, precision=precision)
+        return encode_texts(
+            model, tokenizer, texts, device=device, batch_size=batch_size, precision=precision
+        )
 
     if cache_dir is None:
         return encode()

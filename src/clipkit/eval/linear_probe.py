@@ -104,7 +104,12 @@ def train_probe(
 @torch.no_grad()
 def probe_logits(probe: torch.nn.Linear, features: torch.Tensor, *, batch_size: int = 4096) -> torch.Tensor:
     device = probe.weight.device
-    return torch.cat([probe(features[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(features), batch_size)])
+    return torch.cat(
+        [
+            probe(features[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(features), batch_size)
+        ]
+    )
 
 
 def search_weight_decay(
@@ -122,7 +127,12 @@ def search_weight_decay(
         best, best_accuracy = 0, 0.0
         for index in candidates:
             probe = train_probe(
-                *train, num_classes, weight_decay=WEIGHT_DECAYS[index], config=config, seed=seed, device=device
+                *train,
+                num_classes,
+                weight_decay=WEIGHT_DECAYS[index],
+                config=config,
+                seed=seed,
+                device=device,
             )
             accuracy = (probe_logits(probe, val[0]).argmax(dim=1) == val[1]).double().mean().item()
             if best_accuracy < accuracy:  # strictly better, as CLIP_benchmark's find_peak
@@ -168,10 +178,14 @@ def linear_probe(
     if val is not None:
         weight_decay = search_weight_decay(fewshot, val, num_classes, config=config, seed=seed, device=device)
         # All shots: the final probe also learns from the validation split; few-shot: k per class only.
-        final = fewshot if fewshot_k >= 0 else (torch.cat([fewshot[0], val[0]]), torch.cat([fewshot[1], val[1]]))
+        final = (
+            fewshot if fewshot_k >= 0 else (torch.cat([fewshot[0], val[0]]), torch.cat([fewshot[1], val[1]]))
+        )
     else:
         weight_decay, final = 0.0, fewshot
-    probe = train_probe(*final, num_classes, weight_decay=weight_decay, config=config, seed=seed, device=device)
+    probe = train_probe(
+        *final, num_classes, weight_decay=weight_decay, config=config, seed=seed, device=device
+    )
     return LinearProbeResult(
         logits=probe_logits(probe, test_features), weight_decay=weight_decay, fewshot_k=fewshot_k, seed=seed
     )

@@ -141,7 +141,11 @@ def plot_top_images(
 
 
 def plot_benchmark_bars(
-    rows: Sequence[tuple[str, str, str, Sequence[Any]]], models: Sequence[str], path: str | Path, *, title: str = ""
+    rows: Sequence[tuple[str, str, str, Sequence[Any]]],
+    models: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
 ) -> Path:
     """One group of bars per (dataset, task), one bar per model, with its 95% interval as an error bar.
 
@@ -156,7 +160,10 @@ def plot_benchmark_bars(
     for m, model in enumerate(models):
         cells = [row[3][m] for row in rows]
         values = [100 * c.value if c else np.nan for c in cells]
-        errors = [[100 * (c.value - c.low) if c else 0 for c in cells], [100 * (c.high - c.value) if c else 0 for c in cells]]
+        errors = [
+            [100 * (c.value - c.low) if c else 0 for c in cells],
+            [100 * (c.high - c.value) if c else 0 for c in cells],
+        ]
         offset = (m - (len(models) - 1) / 2) * width
         ax.bar(positions + offset, values, width, yerr=errors, capsize=3, label=model)
     ax.set_xticks(positions, [f"{d}\n{t.replace('zeroshot_', 'zs ').replace('linear_probe', 'lp')}\n{metric}"

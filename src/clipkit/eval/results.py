@@ -18,7 +18,13 @@ from typing import Any
 
 from clipkit.eval.benchmark import ModelEntry, read_raw, read_sample_scores
 from clipkit.eval.suite import Suite
-from clipkit.eval.uncertainty import Interval, bootstrap_interval, mean_interval, paired_comparison, percentile_interval
+from clipkit.eval.uncertainty import (
+    Interval,
+    bootstrap_interval,
+    mean_interval,
+    paired_comparison,
+    percentile_interval,
+)
 from clipkit.files import write_text_atomic
 
 # The number a table shows per task (all metrics go to the files).
@@ -29,8 +35,12 @@ HEADLINE = {
 }
 SHOWN_METRICS = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
-    "zeroshot_retrieval": ("image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5",
-                           "text_retrieval_recall@5"),  # fmt: skip
+    "zeroshot_retrieval": (
+        "image_retrieval_recall@1",
+        "text_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "text_retrieval_recall@5",
+    ),  # fmt: skip
 }
 
 
@@ -67,11 +77,17 @@ def collect_results(models: list[ModelEntry], suite: Suite, out_dir: Path) -> Re
     for d_index, dataset in enumerate(suite.datasets):
         for task in dataset.tasks:
             first_record = records[(models[0].slug, dataset.name)]
-            metric_names = [k for k in first_record["tasks"][task.name] if isinstance(first_record["tasks"][task.name][k], float)]
+            metric_names = [
+                k
+                for k in first_record["tasks"][task.name]
+                if isinstance(first_record["tasks"][task.name][k], float)
+            ]
             for metric in metric_names:
                 row = Row(dataset=dataset.name, task=task.name, metric=metric, cells=[])
                 row_seed = seed + 1000 * d_index
-                per_model = [read_sample_scores(raw[(m.slug, dataset.name)][1], task.name, metric) for m in models]
+                per_model = [
+                    read_sample_scores(raw[(m.slug, dataset.name)][1], task.name, metric) for m in models
+                ]
                 for scores in per_model:
                     row.cells.append(None if scores is None else
                                      bootstrap_interval(scores, resamples=resamples, seed=row_seed))  # fmt: skip
@@ -183,7 +199,10 @@ def format_markdown(results: Results) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Models:", ""]
     for model in results.models:
-        lines.append(f"- {model.label}: `{model.source}`" + (f" (pretrained `{model.pretrained}`)" if model.pretrained else ""))
+        lines.append(
+            f"- {model.label}: `{model.source}`"
+            + (f" (pretrained `{model.pretrained}`)" if model.pretrained else "")
+        )
     skipped = [(key, r["skipped_images"], r["bad_shards"]) for key, r in results.records.items()
                if r["skipped_images"] or r["bad_shards"]]  # fmt: skip
     for (slug, dataset), count, bad in skipped:
@@ -261,6 +280,8 @@ def write_outputs(results: Results, out_dir: Path) -> list[Path]:
         series = {}
         for row in results.rows:
             if row.metric == headline_metric(row.task):
-                series[f"{row.dataset} {row.task}"] = [(m.step, row.cells[i]) for i, m in stepped if row.cells[i]]
+                series[f"{row.dataset} {row.task}"] = [
+                    (m.step, row.cells[i]) for i, m in stepped if row.cells[i]
+                ]
         written.append(plot_metric_vs_step(series, out_dir / "steps.png"))
     return written

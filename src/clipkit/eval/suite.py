@@ -115,7 +115,9 @@ def read_suite(name_or_path: str | Path) -> Suite:
         named = suites_dir() / f"{name_or_path}.yaml"
         if not named.is_file():
             known = sorted(p.stem for p in suites_dir().glob("*.yaml"))
-            raise ClipkitError(f"suite {name_or_path} is neither a YAML file nor a suite name ({', '.join(known)})")
+            raise ClipkitError(
+                f"suite {name_or_path} is neither a YAML file nor a suite name ({', '.join(known)})"
+            )
         path = named
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -132,7 +134,9 @@ def parse_suite(raw: Any, *, origin: str) -> Suite:
     names = [d.name for d in datasets]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ClipkitError(f"suite {origin}: dataset name {duplicated[0]} is used twice; names must be unique")
+        raise ClipkitError(
+            f"suite {origin}: dataset name {duplicated[0]} is used twice; names must be unique"
+        )
     return Suite(
         name=str(raw.get("name") or Path(origin).stem),
         datasets=datasets,
@@ -148,7 +152,9 @@ def _parse_dataset(entry: Any, *, origin: str) -> DatasetSpec:
     where = f"suite {origin}, dataset {entry['name']}"
     _check_keys(entry, DATASET_KEYS, where)
     if ("source" in entry) == ("generate" in entry):
-        raise ClipkitError(f"{where}: give exactly one of `source` (a path or hf-dataset:ORG/NAME) or `generate`")
+        raise ClipkitError(
+            f"{where}: give exactly one of `source` (a path or hf-dataset:ORG/NAME) or `generate`"
+        )
     tasks = [_parse_task(task, where) for task in entry.get("tasks") or [ZEROSHOT]]
     generate = dict(entry["generate"]) if "generate" in entry else None
     source = str(entry.get("source") or f"generated:{generate.get('name') if generate else ''}")
@@ -157,8 +163,11 @@ def _parse_dataset(entry: Any, *, origin: str) -> DatasetSpec:
         source=source,
         tasks=tasks,
         generate=generate,
-        **{key: entry[key] for key in ("split", "train_split", "val_split", "val_proportion", "classnames",
-                                       "templates") if key in entry},  # fmt: skip
+        **{
+            key: entry[key]
+            for key in ("split", "train_split", "val_split", "val_proportion", "classnames", "templates")
+            if key in entry
+        },  # fmt: skip
     )
 
 
@@ -166,13 +175,17 @@ def _parse_task(task: Any, where: str) -> TaskSpec:
     if isinstance(task, str):
         task = {"type": task}
     if not isinstance(task, dict) or task.get("type") not in TASK_TYPES:
-        raise ClipkitError(f"{where}: task {task!r} is not one of {', '.join(TASK_TYPES)} (or {{type: ..., ...}})")
+        raise ClipkitError(
+            f"{where}: task {task!r} is not one of {', '.join(TASK_TYPES)} (or {{type: ..., ...}})"
+        )
     _check_keys(task, {"type", "k", "seeds"}, f"{where}, task {task['type']}")
     seeds = task.get("seeds", [0])
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     spec = TaskSpec(type=task["type"], k=int(task.get("k", -1)), seeds=seeds)
     if spec.type == FEWSHOT and spec.k < 1:
-        raise ClipkitError(f"{where}: a fewshot task needs k >= 1 (samples per class), e.g. {{type: fewshot, k: 5}}")
+        raise ClipkitError(
+            f"{where}: a fewshot task needs k >= 1 (samples per class), e.g. {{type: fewshot, k: 5}}"
+        )
     return spec
 
 
@@ -204,7 +217,9 @@ def hf_dataset_snapshot(repo_id: str, *, name: str) -> Path:
 
     repo_id, _, revision = repo_id.partition("@")
     try:
-        path = snapshot_download(repo_id, repo_type="dataset", revision=revision or None, local_files_only=True)
+        path = snapshot_download(
+            repo_id, repo_type="dataset", revision=revision or None, local_files_only=True
+        )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         raise ClipkitError(
             f"dataset {name} (hf-dataset:{repo_id}) is not in the Hugging Face cache; download it first: "
@@ -228,7 +243,9 @@ def open_suite(suite: Suite) -> Suite:
         except ClipkitError as e:
             raise ClipkitError(f"dataset {spec.name}: {e}") from None
         if spec.test.task != CLASSIFICATION and any(t.type != RETRIEVAL_TASK for t in spec.tasks):
-            raise ClipkitError(f"dataset {spec.name} ({local}) has captions but no labels; give it `tasks: [retrieval]`")
+            raise ClipkitError(
+                f"dataset {spec.name} ({local}) has captions but no labels; give it `tasks: [retrieval]`"
+            )
         for split in (spec.test, spec.train, spec.val):
             if split is not None:
                 check_split(split, name=spec.name)
@@ -241,7 +258,9 @@ def _open_split(local: str, split: str, *, task: str, spec: DatasetSpec) -> Eval
     folder = Path(local) / split
     if folder.is_dir() and not (folder / NSHARDS_FILE).is_file():
         local, split = str(folder), "test"
-    return open_eval_dataset(local, task=task, split=split, classnames=spec.classnames, templates=spec.templates)
+    return open_eval_dataset(
+        local, task=task, split=split, classnames=spec.classnames, templates=spec.templates
+    )
 
 
 def check_split(dataset: EvalDataset, *, name: str) -> None:

@@ -45,7 +45,9 @@ class SampleScores:
         for label in torch.unique(self.strata):
             members = self.strata == label
             w = weights[:, members]
-            per_class.append((w @ self.numerator[members]) / (w @ self.denominator[members]).clamp(min=1e-300))
+            per_class.append(
+                (w @ self.numerator[members]) / (w @ self.denominator[members]).clamp(min=1e-300)
+            )
         return torch.stack(per_class).mean(dim=0)
 
 
@@ -158,7 +160,9 @@ def paired_comparison(
     otherwise the paired bootstrap's (twice the smaller share of resampled differences on one side of 0).
     """
     if len(a.numerator) != len(b.numerator):
-        raise ValueError(f"a paired comparison needs the same samples: {len(a.numerator)} vs {len(b.numerator)}")
+        raise ValueError(
+            f"a paired comparison needs the same samples: {len(a.numerator)} vs {len(b.numerator)}"
+        )
     weights = resample_weights(len(a.numerator), resamples=resamples, seed=seed, strata=a.strata)
     differences = b.resampled(weights) - a.resampled(weights)  # (B,)
     interval = percentile_interval(b.value() - a.value(), differences)
@@ -186,7 +190,9 @@ def mean_interval(
     """The unweighted mean over (scores, seed) pairs, one per dataset, with its interval (each dataset
     resampled independently, from its own seed), and the (resamples,) replicates of the mean: two
     models' replicates drawn with the same seeds pair up, for comparing their means."""
-    stacked = torch.stack([replicates(scores, resamples=resamples, seed=seed) for scores, seed in per_dataset])
+    stacked = torch.stack(
+        [replicates(scores, resamples=resamples, seed=seed) for scores, seed in per_dataset]
+    )
     value = sum(scores.value() for scores, _ in per_dataset) / len(per_dataset)
     means = stacked.mean(dim=0)  # (B,)
     return percentile_interval(value, means), means
