@@ -95,7 +95,7 @@ def test_benchmark_two_models_three_datasets_all_tasks(setup):
     table = result.stdout
     assert "model-a" in table and "model-b" in table and "suite average" in table
     for task in ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "linear_probe_2shot"):
-        assert table.count(task) == 3, task
+        assert len(re.findall(rf"(?<!\S){task}(?!\S)", table)) == 3, task
     assert "95% bootstrap intervals" in table and "* = significant" in table
 
     report = json.loads((out / "results.json").read_text())

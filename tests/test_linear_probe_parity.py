@@ -90,8 +90,8 @@ def test_linear_probe_matches_clip_benchmark(probe_inputs, tmp_path, monkeypatch
         config=LinearProbeConfig(lr=0.1, epochs=10, batch_size=64),
     )  # fmt: skip
     metrics = classification_metrics(ours.logits, test.labels)
-    # The comparison only means something if the probe is neither useless nor perfect.
-    assert 0.2 < theirs["lp_acc1"] < 0.99
+    # The comparison only means something if the probe is neither at chance (10 classes) nor perfect.
+    assert 0.12 < theirs["lp_acc1"] < 0.99
     assert ours.weight_decay == theirs["weight_decay"]
     assert metrics["acc1"] == pytest.approx(theirs["lp_acc1"], abs=1e-6)
     assert metrics["acc5"] == pytest.approx(theirs["lp_acc5"], abs=1e-6)

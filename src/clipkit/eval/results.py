@@ -76,11 +76,10 @@ def collect_results(models: list[ModelEntry], suite: Suite, out_dir: Path) -> Re
     headline_scores: dict[str, list] = {m.slug: [] for m in models}
     for d_index, dataset in enumerate(suite.datasets):
         for task in dataset.tasks:
-            first_record = records[(models[0].slug, dataset.name)]
+            first_record, first_tensors = raw[(models[0].slug, dataset.name)]
+            # The metrics with per-sample scores (not the probe's settings: weight_decay, lr, ...).
             metric_names = [
-                k
-                for k in first_record["tasks"][task.name]
-                if isinstance(first_record["tasks"][task.name][k], float)
+                m for m in first_record["tasks"][task.name] if f"{task.name}/{m}/numerator" in first_tensors
             ]
             for metric in metric_names:
                 row = Row(dataset=dataset.name, task=task.name, metric=metric, cells=[])
