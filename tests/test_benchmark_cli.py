@@ -128,7 +128,18 @@ def test_benchmark_two_models_three_datasets_all_tasks(setup):
     (out / "raw" / next(p.name for p in (out / "raw").iterdir()) / "second.json").unlink()
     resumed = benchmark(root, models, suite, out)
     assert resumed.returncode == 0 and "1 (model, dataset) pairs evaluated" in resumed.stderr
-    assert json.loads((out / "results.json").read_text()) == report
+    assert differences(json.loads((out / "results.json").read_text()), report) == []
+
+
+def differences(a, b, path="") -> list[str]:
+    """The paths where two JSON values differ (for a readable failure)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")
+        ]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
 def test_bad_datasets_stop_before_any_model_runs(setup, tmp_path):

@@ -63,6 +63,8 @@ def expand_models(specs: list[dict], checkpoints: str):
     for spec in specs:
         source = spec["source"]
         run_dir = Path(source)
+        if run_dir.exists():  # one name per model directory, however it was typed (results are keyed by it)
+            source = str(run_dir.resolve())
         if checkpoints == "all" and (run_dir / "checkpoints").is_dir():
             from clipkit.train.checkpoint import list_checkpoints
 
@@ -75,7 +77,7 @@ def expand_models(specs: list[dict], checkpoints: str):
                     ModelEntry(label=f"{name}@final", source=str(run_dir), step=_final_step(run_dir))
                 )
         else:
-            label = run_dir.name if run_dir.exists() else source
+            label = run_dir.resolve().name if run_dir.exists() else source
             if spec["pretrained"]:
                 label += f":{Path(spec['pretrained']).name}"
             entries.append(ModelEntry(label=label, source=source, pretrained=spec["pretrained"]))

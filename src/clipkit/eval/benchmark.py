@@ -250,7 +250,8 @@ def _retrieval(bundle, weights_hash, dataset: DatasetSpec, test: SplitFeatures, 
 
 
 def _probe(task: TaskSpec, dataset: DatasetSpec, train: SplitFeatures, val, test: SplitFeatures, options):
-    config = options.probe or LinearProbeConfig(batch_size=options.batch_size)
+    # CLIP_benchmark's probe settings (batch 64), not the image batch size: results must not depend on --batch-size.
+    config = options.probe or LinearProbeConfig()
     num_classes = dataset.test.num_classes
     logits, weight_decays = [], []
     for seed in task.seeds:
