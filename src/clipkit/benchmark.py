@@ -14,6 +14,7 @@ from clipkit.errors import ClipkitError
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from accelerate import Accelerator
 
     from clipkit.cli import benchmark
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     benchmark.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    accelerator = Accelerator()
+    # Without cpu=True, Accelerate under torchrun on a GPU-less machine reports one process.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         return benchmark.run(
             args,
