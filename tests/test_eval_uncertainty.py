@@ -32,7 +32,6 @@ def coverage(draw, true_value: float) -> float:
     return covered / TRIALS
 
 
-@pytest.mark.slow  # 200 simulated test sets x 400 resamples
 def test_accuracy_interval_covers_the_true_accuracy_95_percent_of_the_time():
     # A model that is right with probability 0.7 on each of 400 test images.
     def draw(generator):
@@ -42,7 +41,6 @@ def test_accuracy_interval_covers_the_true_accuracy_95_percent_of_the_time():
     assert 0.91 <= coverage(draw, 0.7) <= 0.985
 
 
-@pytest.mark.slow  # 200 simulated test sets x 400 resamples
 def test_per_class_recall_interval_is_stratified_and_covers():
     # 4 classes of unequal size with recalls 0.9, 0.6, 0.5, 0.3: mean per-class recall 0.575.
     recalls, sizes = torch.tensor([0.9, 0.6, 0.5, 0.3]), [200, 100, 60, 40]
@@ -55,7 +53,6 @@ def test_per_class_recall_interval_is_stratified_and_covers():
     assert 0.91 <= coverage(draw, 0.575) <= 0.985
 
 
-@pytest.mark.slow  # 200 simulated test sets x 400 resamples
 def test_retrieval_recall_over_captions_resamples_images_with_their_captions():
     # 300 images with 1-3 captions each; each caption is found with probability 0.4.
     true_value = 0.4
