@@ -69,13 +69,18 @@ def expand_models(specs: list[dict], checkpoints: str):
             from clipkit.train.checkpoint import list_checkpoints
 
             name = run_dir.name
+            run_entries = []
             for checkpoint in list_checkpoints(run_dir):
                 step = int(checkpoint.name.split("_")[1])
-                entries.append(ModelEntry(label=f"{name}@{step}", source=str(checkpoint), step=step))
+                run_entries.append(ModelEntry(label=f"{name}@{step}", source=str(checkpoint), step=step))
             if (run_dir / "model").is_dir():
-                entries.append(
-                    ModelEntry(label=f"{name}@final", source=str(run_dir), step=_final_step(run_dir))
-                )
+                final_step = _final_step(run_dir)
+                if (
+                    run_entries and run_entries[-1].step == final_step
+                ):  # the last checkpoint: keep model/ only
+                    run_entries.pop()
+                run_entries.append(ModelEntry(label=f"{name}@final", source=str(run_dir), step=final_step))
+            entries.extend(run_entries)
         else:
             label = run_dir.resolve().name if run_dir.exists() else source
             if spec["pretrained"]:
