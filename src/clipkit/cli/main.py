@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("clipkit.cli.shards", "write webdataset shards from images, or a demo dataset"),
     "tokenizer": ("clipkit.cli.tokenizer", "train a SentencePiece tokenizer on shard captions"),
     "zeroshot": ("clipkit.cli.zeroshot", "zero-shot classification / retrieval metrics on a dataset"),
+    "benchmark": (
+        "clipkit.cli.benchmark",
+        "a suite of datasets x models: zero-shot, retrieval, linear probes, with intervals",
+    ),
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
     "embed": ("clipkit.cli.embed", "embed a collection into clip-retrieval's layout (also under accelerate launch)"),

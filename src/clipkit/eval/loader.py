@@ -44,7 +44,9 @@ class EvalLoader:
     """Iterable of `EvalBatch` for one process (`rank` of `world_size`).
 
     `transform` turns a PIL RGB image into a (3, H, W) tensor (a model's `eval_transform`).
-    `workers` > 0 decodes in DataLoader worker processes. After (or during) iteration, `skipped`
+    `workers` > 0 decodes in DataLoader worker processes. `captions=True` also reads a labelled set's
+    captions (KEY.txt), so one pass gives both a classification and a retrieval evaluation.
+    After (or during) iteration, `skipped`
     lists this process's undecodable images and `bad_shards` the shards that could not be read whole
     (reported by rank 0 only, since every rank reads every shard): evaluation goes on without them.
     """
@@ -59,6 +61,7 @@ class EvalLoader:
         world_size: int = 1,
         workers: int = 0,
         pin_memory: bool = False,
+        captions: bool = False,
     ):
         if batch_size < 1:
             raise ClipkitError(f"batch size must be at least 1, got {batch_size}")
@@ -71,6 +74,7 @@ class EvalLoader:
         self.world_size = world_size
         self.workers = workers
         self.pin_memory = pin_memory
+        self.captions = captions
         self.skipped: list[SkippedImage] = []
         self.bad_shards: list[SkippedShard] = []
 
@@ -88,6 +92,7 @@ class EvalLoader:
             batch_size=self.batch_size,
             rank=self.rank,
             world_size=self.world_size,
+            captions=self.captions,
         )
         if self.workers > 0:
             batches: Any = torch.utils.data.DataLoader(
@@ -108,9 +113,17 @@ class _SampleStream(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: picks this worker's samples, decodes them, batches them."""
 
     def __init__(
-        self, dataset: EvalDataset, transform: Callable, *, batch_size: int, rank: int, world_size: int
+        self,
+        dataset: EvalDataset,
+        transform: Callable,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        captions: bool = False,
     ):
         super().__init__()
+        self.captions = captions
         self.dataset = dataset
         self.transform = transform
         self.batch_size = batch_size
@@ -162,11 +175,14 @@ class _SampleStream(torch.utils.data.IterableDataset):
         else:
             yield from iter_dataset_samples(self.dataset.shards, on_shard_error)
 
-    def _target(self, raw: dict[str, Any]) -> int | list[str]:
+    def _target(self, raw: dict[str, Any]) -> int | list[str] | tuple[int, list[str]]:
         if self.dataset.task != CLASSIFICATION:
-            text = raw.get("txt", b"").decode("utf-8")
-            # One caption per line, as CLIP_benchmark reads its retrieval shards.
-            return [line for line in text.splitlines() if line.strip()]
+            return _captions(raw)
+        if self.captions:
+            return self._label(raw), _captions(raw)
+        return self._label(raw)
+
+    def _label(self, raw: dict[str, Any]) -> int:
         if "label" in raw:
             label = raw["label"]
         elif "cls" in raw:
@@ -204,14 +220,23 @@ class _SampleStream(torch.utils.data.IterableDataset):
         bad_shards: list[tuple[str, str]],
     ) -> dict:
         classification = self.dataset.task == CLASSIFICATION
+        targets = [item[1] for item in items]
+        labels = [t[0] for t in targets] if self.captions and classification else targets
+        captions = [t[1] for t in targets] if self.captions and classification else targets
         return {
             "images": torch.stack([item[0] for item in items]) if items else torch.empty(0),
-            "labels": torch.tensor([item[1] for item in items], dtype=torch.long) if classification else None,
-            "captions": None if classification else [item[1] for item in items],
+            "labels": torch.tensor(labels, dtype=torch.long) if classification else None,
+            "captions": captions if (self.captions or not classification) else None,
             "indices": torch.tensor([item[2] for item in items], dtype=torch.long),
             "skipped": skipped,
             "bad_shards": bad_shards,
         }
+
+
+def _captions(raw: dict[str, Any]) -> list[str]:
+    text = raw.get("txt", b"").decode("utf-8")
+    # One caption per line, as CLIP_benchmark reads its retrieval shards.
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _parse_label(value: Any, raw: dict[str, Any]) -> int:

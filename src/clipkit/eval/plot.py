@@ -138,3 +138,61 @@ def plot_top_images(
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_benchmark_bars(
+    rows: Sequence[tuple[str, str, str, Sequence[Any]]],
+    models: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """One group of bars per (dataset, task), one bar per model, with its 95% interval as an error bar.
+
+    `rows`: (dataset, task, metric, intervals per model: objects with value / low / high, or None)."""
+    import numpy as np
+
+    plt = _pyplot()
+    path = Path(path)
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) * max(1, len(models) / 2) + 2), 4.5))
+    positions = np.arange(len(rows))
+    for m, model in enumerate(models):
+        cells = [row[3][m] for row in rows]
+        values = [100 * c.value if c else np.nan for c in cells]
+        errors = [
+            [100 * (c.value - c.low) if c else 0 for c in cells],
+            [100 * (c.high - c.value) if c else 0 for c in cells],
+        ]
+        offset = (m - (len(models) - 1) / 2) * width
+        ax.bar(positions + offset, values, width, yerr=errors, capsize=3, label=model)
+    ax.set_xticks(positions, [f"{d}\n{t.replace('zeroshot_', 'zs ').replace('linear_probe', 'lp')}\n{metric}"
+                              for d, t, metric, _ in rows], fontsize=8)  # fmt: skip
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_metric_vs_step(series: Mapping[str, Sequence[tuple[int, Any]]], path: str | Path) -> Path:
+    """Each (dataset, task)'s headline metric against the checkpoint's step, with its 95% interval as a band."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        points = sorted(points, key=lambda p: p[0])
+        steps = [p[0] for p in points]
+        ax.plot(steps, [100 * p[1].value for p in points], marker="o", label=name)
+        ax.fill_between(steps, [100 * p[1].low for p in points], [100 * p[1].high for p in points], alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("headline metric per checkpoint (bands: 95% intervals)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -49,6 +49,10 @@ class TrainConfig:
     ema_decay: float | None = None  # keep an EMA of the weights; it is evaluated and exported as the model
     wise_ft_alpha: float | None = None  # also export (1 - alpha) * start + alpha * final weights (WiSE-FT)
     eval_at_start: bool = False  # evaluate before the first step (the baseline for forgetting)
+    # Evaluations while training: [{type: zeroshot|retrieval|linear_probe, dataset: DIR, name: NAME, every: STEPS}],
+    # logged as eval/NAME/METRIC (clipkit.train.evaluation); data.zeroshot_dataset / val_shards add theirs.
+    eval: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    keep_best: str | None = None  # e.g. eval/NAME/acc1: export the model to model-best/ whenever it improves
     # Keep freed host memory for the next step instead of returning it to the OS (~10% faster CPU steps;
     # clipkit.train.allocator).
     keep_freed_memory: bool = True

@@ -29,7 +29,7 @@ from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import resolve_resume, save_checkpoint
 from clipkit.train.config import OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.device_input import split_normalisation
-from clipkit.train.evaluation import evaluate
+from clipkit.train.evaluation import BEST_MODEL_DIR, Evaluations
 from clipkit.train.metrics import MetricsLogger
 from clipkit.train.parallel import build_accelerator, build_plan
 from clipkit.train.report import write_run_report
@@ -115,6 +115,12 @@ class Trainer:
         # every shard spec is checked before a large model is built.
         with accelerator.main_process_first():
             self.data_cfg = prepare_data(data_cfg)
+        self.evaluations = Evaluations.from_config(
+            self.train_cfg.eval,
+            self.data_cfg,
+            eval_every=self.train_cfg.eval_every,
+            keep_best=self.train_cfg.keep_best,
+        )
         self.bundle = build_model(
             model_cfg,
             init_logit_scale=self.loss_fn.init_logit_scale,
@@ -293,8 +299,8 @@ class Trainer:
                     self._log(step_metrics, progress)
                     window_start, window_steps = time.perf_counter(), 0
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against samples/s
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    self.evaluate()
+                if self.evaluations.due(step) and step < cfg.steps:
+                    self.evaluate(step=step)
                 checkpoint_step = step % cfg.checkpoint_every == 0 and step < cfg.steps
                 if checkpoint_step:
                     self.checkpoint()
@@ -436,20 +442,20 @@ class Trainer:
             **self.plan.checkpoint_parts(self.ema),
         )
 
-    def evaluate(self, prefix: str = "") -> dict[str, Any]:
-        """Evaluate the model as it is now; metrics are logged with `prefix` and returned without it."""
+    def evaluate(self, prefix: str = "", step: int | None = None) -> dict[str, Any]:
+        """Evaluate the model as it is now (the entries due at `step`; None: all); metrics are logged with
+        `prefix` and returned without it. With train.keep_best, an improved model goes to model-best/."""
         # Under FSDP the processes may run different numbers of batches (their shares of the set differ
         # by up to one sample), so the model is gathered once for the whole evaluation, not per forward.
         with self.plan.gathered():
-            metrics = evaluate(
-                self.unwrapped,
-                self.bundle,
-                self.data_cfg,
-                self.accelerator,
-                precision=self.train_cfg.precision,
-            )
+            metrics = self.evaluations.run(
+                self.unwrapped, self.bundle, self.data_cfg, self.accelerator,
+                precision=self.train_cfg.precision, step=step,
+            )  # fmt: skip
         if self.logger is not None and metrics:
             self.logger.log(self.state.step, {f"{prefix}{k}": v for k, v in metrics.items()})
+        if not prefix and self.evaluations.improved(metrics):  # every process sees the same metrics
+            self._export(self.output_dir / BEST_MODEL_DIR)
         return metrics
 
     def close(self, *, keep_process_group: bool = False) -> None:

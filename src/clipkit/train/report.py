@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.data import DataConfig
-from clipkit.eval import EvalLoader, build_zeroshot_classifier, open_eval_dataset
+from clipkit.eval import EvalLoader, build_zeroshot_classifier, classification_metrics, open_eval_dataset
 from clipkit.eval.plot import plot_confusion_matrix, plot_top_images, plot_training_curves
+from clipkit.eval.zeroshot import CLASSIFICATION_LOGIT_SCALE
 from clipkit.models import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,12 @@ def _class_prompt_pictures(
         classnames = dataset.classnames
         templates = dataset.templates or ["a photo of a {c}."]
         classifier = build_zeroshot_classifier(model, bundle.tokenizer, classnames, templates, device=device)
-        predictions = (image_features @ classifier.float().cpu()).argmax(dim=1)  # (N,)
-        confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
-        confusion.index_put_((image_labels, predictions), torch.ones_like(predictions), accumulate=True)
-        accuracy = (predictions == image_labels).float().mean().item()
+        # The zero-shot evaluation's own logits and metrics (clipkit.eval), not a copy of them.
+        logits = CLASSIFICATION_LOGIT_SCALE * image_features @ classifier.float().cpu()  # (N, C)
+        zeroshot = classification_metrics(logits, image_labels)
+        accuracy = zeroshot["acc1"]
         confusion_path = plot_confusion_matrix(
-            confusion.tolist(),
+            zeroshot["confusion_matrix"],
             classnames,
             folder / "confusion_matrix.png",
             title=f"zero-shot top-1 {accuracy:.1%} on {len(image_labels)} held-out images",
