@@ -114,6 +114,10 @@ def load_checkpoint(
             f"the launch config it was trained with, or export it (`clipkit export {checkpoint} --out DIR`) "
             "and start a new run from model.pretrained=DIR"
         )
+    if sharded is not None:  # the index is untrusted: refused before any state is restored
+        from clipkit.models.sharded import SafeFileSystemReader
+
+        SafeFileSystemReader(str(checkpoint / SHARDED_STATE_DIR)).read_metadata()
     accelerator.load_state(str(checkpoint))
     if sharded is not None:
         from clipkit.train.sharding import load_sharded
