@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from clipkit.errors import ClipkitError
-from clipkit.models.export import check_export_target, staged_directory
+from clipkit.models.export import check_export_target, local_sources, staged_directory
 from clipkit.models.factory import ModelBundle
 from clipkit.models.hf_convert import (
     CLIP_BPE_EOT,
@@ -40,7 +40,7 @@ def export_transformers(
     """
     transformers = require_transformers()
     out_dir = Path(out_dir)
-    check_export_target(out_dir, overwrite=overwrite)
+    check_export_target(out_dir, overwrite=overwrite, sources=local_sources(bundle))
     layout = hf_layout(bundle.model_cfg)  # fails early, before any file is written
     preprocessor = preprocessor_config(bundle.preprocess_cfg, layout)
     tokenizer, token_ids = hf_tokenizer(bundle, layout, transformers)
