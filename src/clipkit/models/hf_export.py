@@ -26,6 +26,7 @@ from clipkit.models.hf_convert import (
     require_transformers,
     to_hf_model,
 )
+from clipkit.redaction import redact_text
 
 # open_clip / torchvision interpolation names -> PIL resample codes, which transformers' processors store.
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -51,7 +52,7 @@ def export_transformers(
         _fix_tokenizer_config(staging, bundle.model_cfg["text_cfg"].get("context_length", 77), layout)
         (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", "utf-8")
         card = model_card(bundle, hf_model.config, layout, _run_summary(run_dir) if run_dir else None)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "README.md").write_text(redact_text(card), encoding="utf-8")
     return out_dir
 
 

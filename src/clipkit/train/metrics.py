@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from clipkit.redaction import redact
 from clipkit.train.config import LoggerConfig
 
 METRICS_NAME = "metrics.jsonl"
@@ -32,14 +33,14 @@ class MetricsLogger:
                 name=config.run_name,
                 mode=config.mode,
                 dir=str(output_dir),
-                config=run_config,
+                config=redact(run_config),
                 resume="allow",
                 id=_wandb_id(output_dir),
             )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(redact(record)) + "\n")
         self._file.flush()
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
