@@ -50,3 +50,24 @@ def test_the_scan_catches_each_loader():
     assert not re.search(
         CODE_RUNNING_LOADERS[1][0], "torch.load(path, map_location='cpu', weights_only=True)"
     )
+
+
+def test_a_transformers_checkpoint_with_remote_code_loads_without_running_it(tmp_path):
+    """config.json / tokenizer_config.json may name Python files shipped beside the weights (auto_map);
+    clipkit loads with transformers' own classes and never imports them."""
+    import json
+
+    from clipkit.models import build_model
+    from clipkit.models.hf_export import export_transformers
+
+    model_dir = export_transformers(build_model("tiny"), tmp_path / "hf")
+    marker = tmp_path / "ran"
+    (model_dir / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import CLIPConfig as EvilConfig\n"
+    )
+    for name, key in (("config.json", "AutoConfig"), ("tokenizer_config.json", "AutoTokenizer")):
+        config = json.loads((model_dir / name).read_text())
+        config["auto_map"] = {key: "evil.EvilConfig" if key == "AutoConfig" else ["evil.EvilConfig", None]}
+        (model_dir / name).write_text(json.dumps(config))
+    bundle = build_model(str(model_dir))
+    assert bundle.has_weights and not marker.exists()
