@@ -118,9 +118,8 @@ def test_open_clip_state_dict_with_architecture_name_exports(tmp_path):
 
 def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     bundle = build_model("tiny")
-    out = tmp_path / "model"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = export_model(bundle, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ClipkitError, match="already exists.*--overwrite"):
         export_model(bundle, out)
 
@@ -131,7 +130,7 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         export_model(bundle, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary directory left
-    assert (out / "keep.txt").read_text() == "mine"  # the old export is untouched
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is untouched
 
 
 def test_cli_export_of_unknown_source_is_one_line_error(tmp_path):

@@ -11,6 +11,7 @@ Inputs that cannot be read are listed (and kept in _info.json), not fatal.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,16 +68,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipkit.errors import ClipkitError
+    from clipkit.files import check_output_dir
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ClipkitError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    sources = () if args.input in ("digits", "synthetic") and not Path(args.input).exists() else (args.input,)
+    check_output_dir(
+        out,
+        overwrite=args.overwrite,
+        written_by_clipkit=_is_shards_dir,
+        kind="shard directory",
+        sources=sources,
+    )
     if args.input in ("digits", "synthetic") and not Path(args.input).exists():
         counts = _write_generated(args, out)
         print(f"wrote {counts['train']} train and {counts['test']} test samples to {out}")
         return 0
     return _write_from_input(args, out)
+
+
+def _is_shards_dir(directory: Path) -> bool:
+    """A directory `clipkit shards` wrote: a split's `_info.json` present, nothing but its layout's entries."""
+    from clipkit.data.writer import CLASSNAMES_FILE, INFO_FILE, TEMPLATES_FILE, TEST_LAYOUT, TRAIN_LAYOUT
+
+    names = {p.name for p in directory.iterdir()}
+    if INFO_FILE in names:  # one captioned split written straight into --out
+        return all(name == INFO_FILE or re.fullmatch(r"\d+\.tar", name) for name in names)
+    layout = {TRAIN_LAYOUT, TEST_LAYOUT, CLASSNAMES_FILE, TEMPLATES_FILE, "dataset_type.txt"}
+    return names <= layout and any(
+        (directory / split / INFO_FILE).is_file() for split in (TRAIN_LAYOUT, TEST_LAYOUT)
+    )
 
 
 def _write_generated(args: argparse.Namespace, out: Path) -> dict[str, int]:

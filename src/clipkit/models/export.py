@@ -13,7 +13,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from clipkit.errors import ClipkitError
+from clipkit.files import check_output_dir
 from clipkit.models.factory import OPEN_CLIP_CONFIG_NAME, ModelBundle
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -33,7 +33,10 @@ def export_model(
     bundle's model weights (e.g. gathered from a sharded model); its names must be the model's own.
     """
     out_dir = Path(out_dir)
-    check_export_target(out_dir, overwrite=overwrite)
+    # Weights given in memory (a training run's) no longer need the files the bundle was read from.
+    check_export_target(
+        out_dir, overwrite=overwrite, sources=local_sources(bundle) if state_dict is None else ()
+    )
     with staged_directory(out_dir) as staging:
         # .contiguous(): safetensors stores dense buffers; views (e.g. from transposes) must be copied.
         if state_dict is None:
@@ -50,11 +53,28 @@ def export_model(
     return out_dir
 
 
-def check_export_target(out_dir: Path, *, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ClipkitError(
-            f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite"
-        )
+def check_export_target(out_dir: Path, *, overwrite: bool, sources: tuple[str | Path, ...] = ()) -> None:
+    """`out_dir` may receive an export: absent, empty, or (overwrite) an earlier export, and holding no source."""
+    check_output_dir(
+        out_dir, overwrite=overwrite, written_by_clipkit=is_export_dir, kind="model export", sources=sources
+    )
+
+
+# What clipkit's exports hold: open_clip's layout, or a transformers model (both flat directories).
+_EXPORT_MANIFESTS = (
+    (OPEN_CLIP_CONFIG_NAME, WEIGHTS_NAME),
+    ("config.json", "model.safetensors", "preprocessor_config.json"),
+)
+
+
+def is_export_dir(directory: Path) -> bool:
+    """A directory `export_model` or `export_transformers` wrote: its manifest files present, no sub-directories
+    (a run, a project or a checkpoint holding an export is never one)."""
+    entries = list(directory.iterdir())
+    names = {p.name for p in entries}
+    return all(p.is_file() and not p.is_symlink() for p in entries) and any(
+        set(manifest) <= names for manifest in _EXPORT_MANIFESTS
+    )
 
 
 @contextlib.contextmanager
@@ -71,6 +91,12 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def local_sources(bundle: ModelBundle) -> tuple[Path, ...]:
+    """The files the bundle's weights were read from, when local: an export must not replace them."""
+    source = Path(bundle.weights_source) if bundle.weights_source else None
+    return (source,) if source is not None and source.exists() else ()
 
 
 def _apply_umask(directory: Path) -> None:

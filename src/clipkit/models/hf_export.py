@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from clipkit.errors import ClipkitError
-from clipkit.models.export import check_export_target, staged_directory
+from clipkit.models.export import check_export_target, local_sources, staged_directory
 from clipkit.models.factory import ModelBundle
 from clipkit.models.hf_convert import (
     CLIP_BPE_EOT,
@@ -26,6 +26,7 @@ from clipkit.models.hf_convert import (
     require_transformers,
     to_hf_model,
 )
+from clipkit.redaction import redact_text
 
 # open_clip / torchvision interpolation names -> PIL resample codes, which transformers' processors store.
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -40,7 +41,7 @@ def export_transformers(
     """
     transformers = require_transformers()
     out_dir = Path(out_dir)
-    check_export_target(out_dir, overwrite=overwrite)
+    check_export_target(out_dir, overwrite=overwrite, sources=local_sources(bundle))
     layout = hf_layout(bundle.model_cfg)  # fails early, before any file is written
     preprocessor = preprocessor_config(bundle.preprocess_cfg, layout)
     tokenizer, token_ids = hf_tokenizer(bundle, layout, transformers)
@@ -51,7 +52,7 @@ def export_transformers(
         _fix_tokenizer_config(staging, bundle.model_cfg["text_cfg"].get("context_length", 77), layout)
         (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", "utf-8")
         card = model_card(bundle, hf_model.config, layout, _run_summary(run_dir) if run_dir else None)
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "README.md").write_text(redact_text(card), encoding="utf-8")
     return out_dir
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from clipkit.errors import ClipkitError
+from clipkit.redaction import redact_text
 from clipkit.retrieval.embed import embed_items
 from clipkit.retrieval.encoder import Encoder
 from clipkit.retrieval.parts import (
@@ -82,7 +83,7 @@ def embed_collection(
         "version": FORMAT_VERSION,
         "model": identity,
         "dim": encoder.embed_dim,
-        "source": _absolute(source),
+        "source": redact_text(_absolute(source)),  # also what a resumed job is compared with
         "images": len(items),
         "part_size": part_size,
         "parts": -(-len(items) // part_size),

@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from clipkit.errors import ClipkitError
+from clipkit.redaction import redact
 from clipkit.retrieval.manifests import read_versioned_json
 
 MANIFEST_NAME = "index.json"
@@ -403,7 +404,7 @@ class IndexTransaction:
             _fsync_file(staged)
         os.replace(self.staged_vectors, self.index_dir / vectors_file)
         os.replace(self.staged_metadata, self.index_dir / metadata_file)
-        self._staged_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        self._staged_manifest.write_text(json.dumps(redact(manifest), indent=2) + "\n", encoding="utf-8")
         _fsync_file(self._staged_manifest)
         os.replace(self._staged_manifest, self.index_dir / MANIFEST_NAME)  # the commit point
         _fsync_dir(self.index_dir)

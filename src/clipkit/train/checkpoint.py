@@ -12,6 +12,7 @@ its own file keeps its seeded state), so a checkpoint resumes on another number 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,10 +36,12 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary (unfinished) directories are not listed."""
+    """Complete checkpoints, oldest first. Temporary (unfinished) directories are not listed; one moved aside by
+    a save that was killed before its replacement was renamed in is put back first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
+    _recover_set_aside(root)
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / TRAINER_STATE_NAME).is_file()]
     return sorted(found, key=lambda p: p.name)
 
@@ -91,14 +94,70 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(staging / OPEN_CLIP_CONFIG_NAME, open_clip_config)
+        _fsync_tree(staging)  # every process's files on disk before the marker says they are there
         _write_json(staging / TRAINER_STATE_NAME, trainer_state)  # last: marks the directory complete
-        if final.exists():  # the same step saved again (e.g. a stop right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        _fsync_dir(staging)
+        _replace_checkpoint(staging, final)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+_SET_ASIDE_PREFIX = ".old-"
+
+
+def _replace_checkpoint(staging: Path, final: Path) -> None:
+    """Rename the complete `staging` to `final`. The same step saved again (e.g. a stop right after a periodic
+    save): the old one is moved aside first and deleted only once the new one is in place, so at every moment
+    a complete checkpoint of the step is on disk (list_checkpoints puts one back that a kill left aside)."""
+    aside = final.with_name(f"{_SET_ASIDE_PREFIX}{final.name}")
+    if aside.exists():  # left by an earlier killed save while `final` was in place: not needed
+        _remove_checkpoint(aside)
+    if final.exists():
+        os.replace(final, aside)
+        _fsync_dir(final.parent)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    if aside.exists():
+        _remove_checkpoint(aside)
+
+
+def _remove_checkpoint(directory: Path) -> None:
+    """The completeness marker goes first, so a kill midway leaves a directory no resume picks."""
+    (directory / TRAINER_STATE_NAME).unlink(missing_ok=True)
+    _fsync_dir(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _recover_set_aside(root: Path) -> None:
+    for aside in root.glob(f"{_SET_ASIDE_PREFIX}step_*"):
+        final = root / aside.name[len(_SET_ASIDE_PREFIX) :]
+        if not _STEP_DIR.match(final.name) or final.exists() or not (aside / TRAINER_STATE_NAME).is_file():
+            continue  # the replacement is in place (the save's own cleanup removes the old one), or incomplete
+        with contextlib.suppress(FileNotFoundError):  # every process looks; one puts it back
+            os.replace(aside, final)
+        _fsync_dir(root)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(parent))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """A directory's entries (renames, new files) on disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(
@@ -114,6 +173,10 @@ def load_checkpoint(
             f"the launch config it was trained with, or export it (`clipkit export {checkpoint} --out DIR`) "
             "and start a new run from model.pretrained=DIR"
         )
+    if sharded is not None:  # the index is untrusted: refused before any state is restored
+        from clipkit.models.sharded import SafeFileSystemReader
+
+        SafeFileSystemReader(str(checkpoint / SHARDED_STATE_DIR)).read_metadata()
     accelerator.load_state(str(checkpoint))
     if sharded is not None:
         from clipkit.train.parallel import load_sharded

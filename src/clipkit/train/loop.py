@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from clipkit.data import DataConfig, TrainStream, prepare_data
 from clipkit.errors import ClipkitError
 from clipkit.models import ModelBundle, ModelConfig, build_model, export_model
+from clipkit.redaction import redact
 from clipkit.train.allocator import keep_freed_memory
 from clipkit.train.checkpoint import resolve_resume, save_checkpoint
 from clipkit.train.config import OptimConfig, TrainConfig, config_from_dict
@@ -163,7 +164,7 @@ class Trainer:
         output_dir = Path(broadcast_object_list([str(output_dir)])[0])
         if self.accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+            OmegaConf.save(redact(OmegaConf.to_container(cfg, resolve=True)), output_dir / "config.yaml")
             if not cfg.output_dir:
                 log.info("output_dir: %s (the same command writes and resumes here)", output_dir)
         return output_dir

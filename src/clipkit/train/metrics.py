@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from clipkit.redaction import redact
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -83,11 +85,11 @@ class MetricsLogger:
         _truncate_after(self.path, resume_step)  # steps after the checkpoint are about to be redone
         self._file = self.path.open("a", encoding="utf-8")
         self._logger = logger
-        logger.start(Path(output_dir), run_config)
+        logger.start(Path(output_dir), redact(run_config))  # no credentials in wandb's copy of the config
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(redact(record)) + "\n")
         self._file.flush()
         self._logger.log(step, record)
 
