@@ -186,7 +186,7 @@ def test_an_index_from_embeddings_serves_like_one_built_from_images(model_dir, t
     responses = []
     for name in ("from_emb", "from_images"):
         index, encoder = open_index(tmp_path / name)  # the model the index records
-        with TestClient(create_app(index, encoder, ServeConfig())) as client:
+        with TestClient(create_app(index, encoder, ServeConfig()), base_url="http://127.0.0.1") as client:
             found = [client.post("/v1/search", json={"query": f"photo {i}", "k": 5}).json()["results"]
                      for i in range(4)]  # fmt: skip
             image = client.get("/v1/images/7")
@@ -310,7 +310,9 @@ def test_tuning_queries_are_the_collections_captions_encoded_by_its_model(model_
     finally:
         index.close()
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
-    assert by_queries["30 captions of the collection, encoded by its model"] == pytest.approx(recall, abs=0.0034)
+    assert by_queries["30 captions of the collection, encoded by its model"] == pytest.approx(
+        recall, abs=0.0034
+    )
 
     # From embeddings, the model the embeddings name encodes the captions; without captions, the stand-in.
     assert run_clipkit("embed", "--model", str(model_dir), "--images", str(captioned), "--out",
@@ -321,7 +323,8 @@ def test_tuning_queries_are_the_collections_captions_encoded_by_its_model(model_
     assert read_manifest(tmp_path / "from_emb")["tuning"]["recall_at_10_by_queries"] == by_queries
     build_index(bare, tmp_path / "bare_idx", model=model_dir, kind="hnsw")
     assert set(read_manifest(tmp_path / "bare_idx")["tuning"]["recall_at_10_by_queries"]) == {
-        "indexed, held out", "70 degrees off the collection"
+        "indexed, held out",
+        "70 degrees off the collection",
     }
 
 

@@ -49,6 +49,33 @@ class RequestDeadline:
             )  # fmt: skip
 
 
+class InFlightLimit:
+    """ASGI middleware: at most `max_requests` requests in progress; past that, 503 with Retry-After at once,
+    before the body is read. It bounds what requests can hold together (bodies, queued work)."""
+
+    def __init__(self, app, *, max_requests: int, retry_after_s: int):
+        self.app = app
+        self.max_requests = max_requests
+        self.retry_after = str(retry_after_s).encode()
+        self.in_progress = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_requests:
+            await refuse(
+                send, 503, f"{self.max_requests} requests are in progress, the most this server takes; retry later",
+                extra_headers=[(b"retry-after", self.retry_after)],
+            )  # fmt: skip
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
 def add_overload_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     """Batcher errors as HTTP answers: a full queue or a stopped batcher 503, a failed batch 500."""
 

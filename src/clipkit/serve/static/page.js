@@ -4,7 +4,9 @@
 "use strict";
 
 const THUMBNAIL_SIZE = 256;
-let apiKey = sessionStorage.getItem("clipkit-api-key") || "";
+// The key lives in this page's memory only (never in storage a script of this origin could read later):
+// a reload asks for it again.
+let apiKey = "";
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -130,7 +132,7 @@ document.getElementById("image-query").addEventListener("change", (event) => {
 document.getElementById("key-row").addEventListener("submit", (event) => {
   event.preventDefault();
   apiKey = document.getElementById("api-key").value;
-  sessionStorage.setItem("clipkit-api-key", apiKey);
+  document.getElementById("api-key").value = "";
   document.getElementById("key-row").hidden = true;
   document.getElementById("search-form").requestSubmit();
 });
