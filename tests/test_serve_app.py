@@ -237,7 +237,7 @@ def test_an_api_key_guards_every_v1_route(collection):
     index, encoder = open_index(collection["root"] / "index")
     app = create_app(index, encoder, ServeConfig(api_key="s3cret-key"))
     v1_routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/v1")]
-    assert len(v1_routes) == 6
+    assert len(v1_routes) == 7
     with TestClient(app, base_url="http://127.0.0.1") as client:
         for path, method in v1_routes:
             url = path.replace("{image_id}", "1")

@@ -245,11 +245,20 @@ def test_a_reload_from_another_sites_page_is_refused(opened):
         )
 
 
-def test_the_page_keeps_the_api_key_out_of_storage(opened):
+def test_the_page_keeps_the_api_key_out_of_scripts_reach(opened):
     with client_for(opened) as client:
         script = client.get("/page.js").text
     for place in ("sessionStorage", "localStorage", "document.cookie", "indexedDB"):
         assert place not in script
+    with client_for(opened, ServeConfig(api_key="k3y")) as client:
+        assert client.post("/v1/session").status_code == 401
+        signed_in = client.post("/v1/session", headers={"authorization": "Bearer k3y"})
+        assert signed_in.status_code == 204
+        # HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it.
+        assert signed_in.headers["set-cookie"] == "clipkit-key=k3y; HttpOnly; SameSite=Strict; Path=/"
+        assert client.post("/v1/search", json={"query": "a"}).status_code == 200  # the cookie is the key now
+        client.cookies.set("clipkit-key", "wrong")
+        assert client.post("/v1/search", json={"query": "a"}).status_code == 401
 
 
 # --- Finding 7: an index's rows are not trusted ------------------------------------------------------------

@@ -37,6 +37,7 @@ from clipkit.serve.guards import (
     DecodeSlots,
     UploadError,
     decode_upload,
+    key_cookie,
 )
 from clipkit.serve.limits import InFlightLimit, RequestDeadline, add_overload_handlers
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
@@ -56,7 +57,7 @@ SERVED_MEDIA_TYPES = {"image/jpeg": "image/jpeg", "image/mpo": "image/jpeg", "im
                       "image/webp": "image/webp", "image/gif": "image/gif", "image/bmp": "image/bmp",
                       "image/tiff": "image/tiff"}  # fmt: skip
 # Routes that change what the server does (not only what it answers): never from another site's page.
-STATE_CHANGING_PATHS = ("/v1/index/reload",)
+STATE_CHANGING_PATHS = ("/v1/index/reload", "/v1/session")
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
@@ -295,6 +296,16 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     async def embed_image(image: Annotated[UploadFile, File(description="an image file")]) -> EmbedResponse:
         vector, _ = await encode_upload(image, None)
         return EmbedResponse(embeddings=vector.tolist(), dim=index.dim, model=fingerprint)
+
+    @app.post(
+        "/v1/session",
+        status_code=204,
+        summary="Sign the search page in: sets an HttpOnly cookie holding the key (send the key as Bearer)",
+    )
+    async def sign_in() -> Response:
+        # The key guard has checked the Bearer key already; without a key configured there is nothing to keep.
+        headers = {"Set-Cookie": key_cookie(config.api_key)} if config.api_key else {}
+        return Response(status_code=204, headers={**headers, "Cache-Control": "no-store"})
 
     @app.post(
         "/v1/index/reload",

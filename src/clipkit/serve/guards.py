@@ -151,24 +151,48 @@ class BodySizeLimit:
                 return
 
 
+KEY_COOKIE = "clipkit-key"
+
+
 class ApiKeyGuard:
-    """ASGI middleware: requests under `prefix` need `Authorization: Bearer <key>`, else 401 at once."""
+    """ASGI middleware: requests under `prefix` need the key, else 401 at once. The key comes as
+    `Authorization: Bearer <key>`, or from the search page as the HttpOnly cookie its sign-in set (no script
+    can read it, and SameSite=Strict keeps other sites' pages from sending it)."""
 
     def __init__(self, app, *, api_key: str, prefix: str = "/v1/"):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.expected_cookie = api_key.encode()
         self.prefix = prefix
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no prefix of the key leaks
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"")
+            cookie = _cookie(headers.get(b"cookie", b""), KEY_COOKIE.encode())
+            # Constant time: no prefix of the key leaks.
+            if not hmac.compare_digest(given, self.expected) and not (
+                cookie is not None and hmac.compare_digest(cookie, self.expected_cookie)
+            ):
                 await refuse(
                     send, 401, "missing or wrong API key: send Authorization: Bearer <key>",
                     extra_headers=[(b"www-authenticate", b"Bearer")],
                 )  # fmt: skip
                 return
         await self.app(scope, receive, send)
+
+
+def key_cookie(api_key: str) -> str:
+    """The Set-Cookie value that signs the search page in: HttpOnly (no script reads it), SameSite=Strict."""
+    return f"{KEY_COOKIE}={api_key}; HttpOnly; SameSite=Strict; Path=/"
+
+
+def _cookie(header: bytes, name: bytes) -> bytes | None:
+    for part in header.split(b";"):
+        key, _, value = part.strip().partition(b"=")
+        if key == name:
+            return value
+    return None
 
 
 class CrossSiteGuard:
