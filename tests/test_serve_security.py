@@ -376,7 +376,12 @@ def test_serve_flags_come_from_serve_config_with_its_defaults_units_and_bounds(t
         serve_args("--max-upload-mb", "0.5", "--max-decodes", "3", "--header-timeout", "2.5",
                    "--allowed-host", "a.example", "--allowed-host", "b.example", "--image-root", "/srv/images"),
     )  # fmt: skip
-    assert given.max_upload_bytes == 2**19 and given.max_decodes == 3 and given.header_timeout_s == 2.5
+    assert (
+        given.max_upload_bytes == 2**19
+        and isinstance(given.max_upload_bytes, int)
+        and given.max_decodes == 3
+        and given.header_timeout_s == 2.5
+    )
     assert given.allowed_hosts == ("a.example", "b.example") and given.image_roots == ("/srv/images",)
     result = run_clipkit("serve", "--index", str(tmp_path), "--max-queue", "0")
     assert result.returncode == 2

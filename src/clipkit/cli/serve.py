@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace, **values) -> ServeConfig:
     for spec in dataclasses.fields(ServeConfig):
         value = getattr(args, spec.name, None)
         if "flag" in spec.metadata and value is not None and spec.name not in given:
-            given[spec.name] = tuple(value) if isinstance(value, list) else value * spec.metadata["unit"]
+            given[spec.name] = _in_field_unit(value, spec.metadata["unit"])
     try:
         return ServeConfig(**given)
     except InvalidServeSetting as e:
@@ -93,6 +93,12 @@ def config_from_args(args: argparse.Namespace, **values) -> ServeConfig:
             f"{meta['flag']} {e.value if shown is None or isinstance(shown, list) else shown}: must be "
             f"{comparison} {bound}"
         ) from None
+
+
+def _in_field_unit(value, unit: float):
+    if isinstance(value, list):
+        return tuple(value)
+    return value if unit == 1 else int(value * unit)  # MB -> bytes
 
 
 def _is_list(hint) -> bool:
