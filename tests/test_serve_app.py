@@ -265,8 +265,13 @@ def test_an_api_key_guards_every_v1_route(collection):
             "/readyz",
             "/metrics",
             "/",
-        ):  # probes, scraping and the page (it asks for the key) stay open
+            "/page.js",
+            "/docs",
+            "/openapi.json",
+        ):  # probes, scraping, the page (it asks for the key) and the docs stay open
             assert client.get(path).status_code == 200
+        # Anything else needs the key, routes outside /v1 included (one added later is guarded too).
+        assert client.get("/knn-service").status_code == 401 and client.get("/v2/x").status_code == 401
     index.close()
 
 

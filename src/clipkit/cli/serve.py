@@ -2,9 +2,9 @@
 
 The model is the one the index records, or --model, which must be that same model (a different one is
 refused). The server listens on 127.0.0.1 unless --host says otherwise; with --api-key-env VAR, every
-/v1 route needs `Authorization: Bearer <the value of $VAR>`. It serves new generations of the index
-(`clipkit index add`) without a restart, answers 503 with Retry-After when overloaded, and reports
-readiness at /readyz.
+route but the page, /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <the value of
+$VAR>`. It serves new generations of the index (`clipkit index add`) without a restart, answers 503 with
+Retry-After when overloaded, and reports readiness at /readyz.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env",
         metavar="VAR",
-        help="environment variable holding the API key that /v1 routes require",
+        help="environment variable holding the API key that every route but the page, probes, metrics and docs requires",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument(

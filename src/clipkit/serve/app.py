@@ -56,6 +56,9 @@ PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page
 SERVED_MEDIA_TYPES = {"image/jpeg": "image/jpeg", "image/mpo": "image/jpeg", "image/png": "image/png",
                       "image/webp": "image/webp", "image/gif": "image/gif", "image/bmp": "image/bmp",
                       "image/tiff": "image/tiff"}  # fmt: skip
+# What answers without the key: probes, scraping, the page (it asks for the key) and the API docs.
+OPEN_PATHS = frozenset({*PAGE_FILES, "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",
+                        "/openapi.json", "/favicon.ico"})  # fmt: skip
 # Routes that change what the server does (not only what it answers): never from another site's page.
 STATE_CHANGING_PATHS = ("/v1/index/reload", "/v1/session")
 PAGE_HEADERS = {
@@ -208,7 +211,9 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     app = FastAPI(
         title="clipkit retrieval",
         summary=f"Text-to-image search over {index.count} images",
-        description="Every /v1 route needs `Authorization: Bearer <key>`." if config.api_key else "",
+        description="Every route but the page, probes, metrics and docs needs `Authorization: Bearer <key>`."
+        if config.api_key
+        else "",
         version="1",
         lifespan=lifespan,
     )
@@ -373,7 +378,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     # site are checked before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
     if config.api_key:
-        app.add_middleware(ApiKeyGuard, api_key=config.api_key, prefix="/v1/")
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     app.add_middleware(CrossSiteGuard, paths=STATE_CHANGING_PATHS)
     app.add_middleware(
         RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s

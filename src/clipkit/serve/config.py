@@ -40,7 +40,9 @@ class InvalidServeSetting(ClipkitError):
 class ServeConfig:
     """How the server answers and what it bounds. Every field but `api_key` is a `clipkit serve` flag."""
 
-    api_key: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <api_key>`
+    api_key: str | None = (
+        None  # when set, every route but app.OPEN_PATHS needs `Authorization: Bearer <api_key>`
+    )
     max_batch: int = _setting(64, "text queries encoded together at most", flag="--max-batch", minimum=1)
     max_image_batch: int = _setting(16, "uploaded images encoded together at most", flag="--max-image-batch",
                                     minimum=1)  # fmt: skip

@@ -155,18 +155,19 @@ KEY_COOKIE = "clipkit-key"
 
 
 class ApiKeyGuard:
-    """ASGI middleware: requests under `prefix` need the key, else 401 at once. The key comes as
+    """ASGI middleware: every request but those to `open_paths` needs the key, else 401 at once (a route added
+    later is guarded without anyone remembering to). The key comes as
     `Authorization: Bearer <key>`, or from the search page as the HttpOnly cookie its sign-in set (no script
     can read it, and SameSite=Strict keeps other sites' pages from sending it)."""
 
-    def __init__(self, app, *, api_key: str, prefix: str = "/v1/"):
+    def __init__(self, app, *, api_key: str, open_paths: frozenset[str]):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
         self.expected_cookie = api_key.encode()
-        self.prefix = prefix
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"")
             cookie = _cookie(headers.get(b"cookie", b""), KEY_COOKIE.encode())
