@@ -376,14 +376,16 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     # The last added runs first: metrics see every answer; a foreign Host is refused before anything else
     # (DNS rebinding); the in-flight bound and the deadline cover reading the body too; the key and the
     # site are checked before any body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
+    max_body_bytes = config.max_upload_bytes + 64 * 1024  # + multipart framing
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if config.api_key:
         app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
     app.add_middleware(CrossSiteGuard, paths=STATE_CHANGING_PATHS)
     app.add_middleware(
         RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s
     )
-    app.add_middleware(InFlightLimit, max_requests=config.max_requests, retry_after_s=config.retry_after_s)
+    app.add_middleware(InFlightLimit, max_requests=config.max_requests, retry_after_s=config.retry_after_s,
+                       max_body_bytes=max_body_bytes)  # fmt: skip
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app

@@ -137,18 +137,22 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _drain(self, receive, declared: int | None) -> None:
-        """Read and drop the rest of a refused body (up to a bound), so the client sees our answer
-        instead of a reset connection while it is still sending."""
-        if declared is not None and declared > _DRAIN_LIMIT_FACTOR * self.max_bytes:
+        await drain_body(receive, declared, limit=_DRAIN_LIMIT_FACTOR * self.max_bytes)
+
+
+async def drain_body(receive, declared: int | None, *, limit: int) -> None:
+    """Read and drop the rest of a refused body (up to `limit` bytes), so the client sees our answer
+    instead of a reset connection while it is still sending."""
+    if declared is not None and declared > limit:
+        return
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
             return
-        seen = 0
-        while seen <= _DRAIN_LIMIT_FACTOR * self.max_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 KEY_COOKIE = "clipkit-key"

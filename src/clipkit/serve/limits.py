@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from clipkit.serve.batching import BatcherStopped, BatchFailed, Overloaded
-from clipkit.serve.guards import refuse
+from clipkit.serve.guards import drain_body, refuse
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class InFlightLimit:
     """ASGI middleware: at most `max_requests` requests in progress; past that, 503 with Retry-After at once,
     before the body is read. It bounds what requests can hold together (bodies, queued work)."""
 
-    def __init__(self, app, *, max_requests: int, retry_after_s: int):
+    def __init__(self, app, *, max_requests: int, retry_after_s: int, max_body_bytes: int):
         self.app = app
         self.max_requests = max_requests
+        self.max_body_bytes = max_body_bytes
         self.retry_after = str(retry_after_s).encode()
         self.in_progress = 0
 
@@ -64,6 +65,11 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.max_requests:
+            # An upload still being sent would otherwise meet a reset instead of the 503.
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            await drain_body(
+                receive, int(declared) if declared.isdigit() else None, limit=self.max_body_bytes
+            )
             await refuse(
                 send, 503, f"{self.max_requests} requests are in progress, the most this server takes; retry later",
                 extra_headers=[(b"retry-after", self.retry_after)],
