@@ -250,7 +250,7 @@ def test_the_server_answers_404_for_a_shard_damaged_or_replaced_after_indexing(c
     build_index(shards / "000.tar", tmp_path / "index", model=collection["model_dir"], kind="flat")
     index, encoder = open_index(tmp_path / "index")
     last = index.record(PER_SHARD - 1)
-    with TestClient(create_app(index, encoder, ServeConfig())) as client:
+    with TestClient(create_app(index, encoder, ServeConfig()), base_url="http://127.0.0.1") as client:
         assert client.get(f"/v1/images/{PER_SHARD - 1}").status_code == 200
         # Replaced by another shard of at least the same length: other bytes at the indexed offsets.
         shutil.copy(shards / "001.tar", shards / "000.tar")

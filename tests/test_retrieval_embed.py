@@ -186,7 +186,7 @@ def test_an_index_from_embeddings_serves_like_one_built_from_images(model_dir, t
     responses = []
     for name in ("from_emb", "from_images"):
         index, encoder = open_index(tmp_path / name)  # the model the index records
-        with TestClient(create_app(index, encoder, ServeConfig())) as client:
+        with TestClient(create_app(index, encoder, ServeConfig()), base_url="http://127.0.0.1") as client:
             found = [client.post("/v1/search", json={"query": f"photo {i}", "k": 5}).json()["results"]
                      for i in range(4)]  # fmt: skip
             image = client.get("/v1/images/7")

@@ -50,7 +50,7 @@ def collection(tmp_path_factory):
 def served(collection):
     index, encoder = open_index(collection["root"] / "index")
     app = create_app(index, encoder, ServeConfig(max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         yield {**collection, "client": client, "index": index, "encoder": encoder}
     index.close()
 
@@ -237,8 +237,8 @@ def test_an_api_key_guards_every_v1_route(collection):
     index, encoder = open_index(collection["root"] / "index")
     app = create_app(index, encoder, ServeConfig(api_key="s3cret-key"))
     v1_routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/v1")]
-    assert len(v1_routes) == 6
-    with TestClient(app) as client:
+    assert len(v1_routes) == 7
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         for path, method in v1_routes:
             url = path.replace("{image_id}", "1")
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
@@ -265,8 +265,13 @@ def test_an_api_key_guards_every_v1_route(collection):
             "/readyz",
             "/metrics",
             "/",
-        ):  # probes, scraping and the page (it asks for the key) stay open
+            "/page.js",
+            "/docs",
+            "/openapi.json",
+        ):  # probes, scraping, the page (it asks for the key) and the docs stay open
             assert client.get(path).status_code == 200
+        # Anything else needs the key, routes outside /v1 included (one added later is guarded too).
+        assert client.get("/knn-service").status_code == 401 and client.get("/v2/x").status_code == 401
     index.close()
 
 
@@ -277,7 +282,7 @@ def metric_samples(client) -> dict:
 
 def test_metrics_count_requests_errors_latency_and_index_size(collection):
     index, encoder = open_index(collection["root"] / "index")
-    with TestClient(create_app(index, encoder)) as client:
+    with TestClient(create_app(index, encoder), base_url="http://127.0.0.1") as client:
         for _ in range(3):
             client.post("/v1/search", json={"query": "caption 1"})
         client.post("/v1/search", json={"query": ""})
@@ -325,7 +330,7 @@ def test_concurrent_queries_are_batched_and_answered_like_single_ones(served):
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
                 responses = await asyncio.gather(
                     *(client.post("/v1/search", json={"query": q, "k": 4}) for q in queries)
                 )
@@ -399,7 +404,9 @@ def test_metadata_reaches_results_as_json_safe_values(served):
 def test_embedding_more_texts_than_a_batch_holds(served):
     index, encoder = served["index"], served["encoder"]
     texts = [f"text number {i}" for i in range(10)]
-    with TestClient(create_app(index, encoder, ServeConfig(max_batch=4))) as client:
+    with TestClient(
+        create_app(index, encoder, ServeConfig(max_batch=4)), base_url="http://127.0.0.1"
+    ) as client:
         body = client.post("/v1/embed/text", json={"texts": texts}).json()
     np.testing.assert_allclose(np.array(body["embeddings"]), encoder.encode_texts(texts), atol=1e-5)
 
@@ -421,7 +428,7 @@ async def in_process(app, scenario):
     """Run `scenario(client)` against `app` with its lifespan (batchers running), over ASGI."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
             return await scenario(client)
 
 
@@ -470,7 +477,9 @@ def test_a_killed_batcher_fails_readyz_at_once_and_its_requests_get_503(served):
     waiting, ready, health, later, embed = asyncio.run(in_process(app, scenario))
     assert waiting.status_code == 503 and later.status_code == 503
     assert later.headers["retry-after"] == "1" and "/readyz" in later.json()["detail"]
-    assert ready.status_code == 503 and ready.json()["detail"] == "the search batcher is not running (stopped)"
+    assert (
+        ready.status_code == 503 and ready.json()["detail"] == "the search batcher is not running (stopped)"
+    )
     assert health.status_code == 200  # the process answers: liveness holds, and says what is wrong
     assert health.json()["status"] == "failing"
     assert health.json()["problems"] == ["the search batcher is not running (stopped)"]
@@ -479,7 +488,9 @@ def test_a_killed_batcher_fails_readyz_at_once_and_its_requests_get_503(served):
 
 def test_a_saturated_server_answers_503_at_once_and_recovers(served):
     index, encoder = served["index"], served["encoder"]
-    app = create_app(index, encoder, ServeConfig(max_batch=2, batch_wait_ms=0, max_queue=4, reload_interval_s=0))
+    app = create_app(
+        index, encoder, ServeConfig(max_batch=2, batch_wait_ms=0, max_queue=4, reload_interval_s=0)
+    )
     release = threading.Event()
 
     async def scenario(client):
@@ -515,7 +526,9 @@ def test_a_saturated_server_answers_503_at_once_and_recovers(served):
 
 
 def test_every_request_has_a_deadline(served):
-    app = create_app(served["index"], served["encoder"], ServeConfig(request_timeout_s=0.3, reload_interval_s=0))
+    app = create_app(
+        served["index"], served["encoder"], ServeConfig(request_timeout_s=0.3, reload_interval_s=0)
+    )
     release = threading.Event()
 
     async def scenario(client):
@@ -545,7 +558,10 @@ def test_image_queries_are_batched_and_answered_like_single_ones(served):
     async def scenario(client):
         uploads = [png_bytes(served["images"][i]) for i in ids]
         searches = await asyncio.gather(
-            *(client.post("/v1/search/image", files={"image": ("q.png", data)}, data={"k": "3"}) for data in uploads)
+            *(
+                client.post("/v1/search/image", files={"image": ("q.png", data)}, data={"k": "3"})
+                for data in uploads
+            )
         )
         embeds = await asyncio.gather(
             *(client.post("/v1/embed/image", files={"image": ("q.png", data)}) for data in uploads[:4])
@@ -574,7 +590,9 @@ def test_image_queries_are_batched_and_answered_like_single_ones(served):
 
 def test_thumbnails_of_a_large_photo_are_upright_and_close_to_a_full_decode():
     rng = np.random.default_rng(3)
-    photo = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.Resampling.BICUBIC)
+    photo = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize(
+        (1600, 1200), Image.Resampling.BICUBIC
+    )
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     out = io.BytesIO()

@@ -318,7 +318,7 @@ def test_the_search_page_shows_thumbnails_in_headless_chromium(server, labels, d
         # The search is in the URL, so it can be shared, bookmarked and reloaded.
         assert page.evaluate("location.search") == "?q=a+handwritten+three&k=24"
 
-        # A shared link (the key is remembered for this tab) opens with its search done.
+        # A shared link opens with its search done (the sign-in's HttpOnly cookie carries the key).
         page.call("Page.navigate", url=server["base_url"] + "/?q=a+photo+of+the+number+seven&k=10")
         sevens = page.wait_for(SHOWN_RESULTS.replace("EXPECTED", "10"))
         assert sevens == api_ids(server, "a photo of the number seven", 10)

@@ -2,14 +2,18 @@
 
 The model is the one the index records, or --model, which must be that same model (a different one is
 refused). The server listens on 127.0.0.1 unless --host says otherwise; with --api-key-env VAR, every
-/v1 route needs `Authorization: Bearer <the value of $VAR>`. It serves new generations of the index
-(`clipkit index add`) without a restart, answers 503 with Retry-After when overloaded, and reports
-readiness at /readyz.
+route but the page, /healthz, /readyz, /metrics and the docs needs `Authorization: Bearer <the value of
+$VAR>`. It serves new generations of the index (`clipkit index add`) without a restart, answers 503 with
+Retry-After when overloaded, and reports readiness at /readyz.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+
+from clipkit.serve.config import LOOPBACK_HOSTS, InvalidServeSetting, ServeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,36 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env",
         metavar="VAR",
-        help="environment variable holding the API key that /v1 routes require",
+        help="environment variable holding the API key that every route but the page, probes, metrics and docs requires",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"
     )
-    parser.add_argument(
-        "--max-batch", type=int, default=64, help="text queries encoded together at most (default: 64)"
-    )
-    parser.add_argument(
-        "--batch-wait-ms", type=float, default=2.0, help="how long a query waits to join a batch (default: 2)"
-    )
-    parser.add_argument(
-        "--max-queue", type=int, default=256,
-        help="requests waiting per batcher; past this the server answers 503 at once (default: 256)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--request-timeout", type=float, default=30.0, metavar="SECONDS",
-        help="a request not answered by then gets 503 (default: 30)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--reload-interval", type=float, default=2.0, metavar="SECONDS",
-        help="how often index.json is checked for a new generation (default: 2; 0: only POST /v1/index/reload)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--thumbnail-cache-mb", type=float, default=64.0, help="memory for thumbnails (default: 64)"
-    )
-    parser.add_argument(
-        "--max-upload-mb", type=float, default=10.0, help="largest image upload (default: 10)"
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--ef-search", type=int, help="hnsw index: candidates searched (more: better recall, slower)"
     )
@@ -66,6 +47,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeConfig field that names one; its help, default and unit are the field's."""
+    group = parser.add_argument_group("limits and access")
+    hints = typing.get_type_hints(ServeConfig)
+    for spec in dataclasses.fields(ServeConfig):
+        meta = spec.metadata
+        if "flag" not in meta:
+            continue
+        if _is_list(hints[spec.name]):  # the flag repeats
+            default = f"; default: {', '.join(spec.default)}" if spec.default else ""
+            group.add_argument(meta["flag"], dest=spec.name, action="append", metavar=meta["metavar"],
+                               help=f"{meta['help']} (repeat for several{default})")  # fmt: skip
+            continue
+        if meta["unit"] == 1:
+            number, metavar, default = hints[spec.name], meta["metavar"] or "N", spec.default
+        else:  # a size in MB, possibly fractional
+            number, metavar, default = float, "MB", f"{spec.default / meta['unit']:g}"
+        group.add_argument(meta["flag"], dest=spec.name, type=number, metavar=metavar,
+                           help=f"{meta['help']} (default: {default})")  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace, **values) -> ServeConfig:
+    """The ServeConfig the flags give (a flag not given keeps its field's default), plus `values`; a value
+    out of its field's bounds is a one-line error naming the flag."""
+    from clipkit.errors import ClipkitError
+
+    given = dict(values)
+    for spec in dataclasses.fields(ServeConfig):
+        value = getattr(args, spec.name, None)
+        if "flag" in spec.metadata and value is not None and spec.name not in given:
+            given[spec.name] = _in_field_unit(value, spec.metadata["unit"])
+    try:
+        return ServeConfig(**given)
+    except InvalidServeSetting as e:
+        meta = next(spec.metadata for spec in dataclasses.fields(ServeConfig) if spec.name == e.name)
+        comparison, bound = e.rule.split(" ", 1)
+        if meta["unit"] != 1:  # the bound in the flag's unit
+            bound = f"{float(bound) / meta['unit']:g}"
+        shown = getattr(args, e.name, None)
+        raise ClipkitError(
+            f"{meta['flag']} {e.value if shown is None or isinstance(shown, list) else shown}: must be "
+            f"{comparison} {bound}"
+        ) from None
+
+
+def _in_field_unit(value, unit: float):
+    if isinstance(value, list):
+        return tuple(value)
+    return value if unit == 1 else int(value * unit)  # MB -> bytes
+
+
+def _is_list(hint) -> bool:
+    return typing.get_origin(hint) is tuple or any(
+        typing.get_origin(arg) is tuple for arg in typing.get_args(hint)
     )
 
 
@@ -83,25 +121,23 @@ def run(args: argparse.Namespace) -> int:
             raise ClipkitError(
                 f"--api-key-env {args.api_key_env}: that environment variable is unset or empty; export the key in it"
             )
-    if args.max_batch < 1 or args.batch_wait_ms < 0 or args.max_upload_mb <= 0:
-        raise ClipkitError("--max-batch must be >= 1, --batch-wait-ms >= 0 and --max-upload-mb > 0")
-    if (
-        args.max_queue < 1
-        or args.request_timeout <= 0
-        or args.reload_interval < 0
-        or args.thumbnail_cache_mb < 0
-    ):
-        raise ClipkitError(
-            "--max-queue must be >= 1, --request-timeout > 0, --reload-interval >= 0 and --thumbnail-cache-mb >= 0"
-        )
     if not 0 <= args.port <= 65535:
         raise ClipkitError(f"--port {args.port} is not a TCP port (0-65535)")
+
+    # Hosts clients may name (Host header): this machine's names, the address it listens on, and --allowed-host.
+    listening = f"[{args.host}]" if ":" in args.host else args.host
+    wildcard = listening in ("0.0.0.0", "[::]")  # every address: the names clients use go in --allowed-host
+    hosts = (*LOOPBACK_HOSTS, *(() if wildcard else (listening,)), *(args.allowed_hosts or ()))
+    config = config_from_args(
+        args, api_key=api_key, allowed_hosts=tuple(dict.fromkeys(h.lower() for h in hosts))
+    )
 
     import torch
     import uvicorn
 
     from clipkit.retrieval import open_index
-    from clipkit.serve import ServeConfig, create_app
+    from clipkit.serve import create_app
+    from clipkit.serve.server import MAX_HEADER_BYTES, bounded_protocol
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sock = listening_socket(args.host, args.port)  # first: a busy port fails before the model loads
@@ -116,16 +152,6 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    config = ServeConfig(
-        api_key=api_key,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout,
-        reload_interval_s=args.reload_interval,
-        thumbnail_cache_bytes=int(args.thumbnail_cache_mb * 2**20),
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-    )
     app = create_app(index, encoder, config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(
@@ -140,10 +166,11 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         server_header=False,
         timeout_graceful_shutdown=5,
-        # Longer than the idle timeout of clients and load balancers (httpx 5 s, AWS ALB 60 s), as nginx's
-        # 75 s is: a server that closes an idle connection first races a request sent on it, which then
-        # fails with a reset, however healthy the server (uvicorn's default is 5 s).
-        timeout_keep_alive=75,
+        timeout_keep_alive=config.keep_alive_s,
+        http=bounded_protocol(
+            header_timeout_s=config.header_timeout_s, max_connections=config.max_connections
+        ),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host

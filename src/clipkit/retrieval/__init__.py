@@ -26,8 +26,10 @@ _LAZY = {
     "read_item_bytes": "clipkit.retrieval.sources",
     "INDEX_KINDS": "clipkit.retrieval.store",
     "ImageRecord": "clipkit.retrieval.store",
+    "ImageUnavailable": "clipkit.retrieval.store",
     "RetrievalIndex": "clipkit.retrieval.store",
     "read_manifest": "clipkit.retrieval.store",
+    "read_record_bytes": "clipkit.retrieval.store",
 }
 
 __all__ = sorted(_LAZY)

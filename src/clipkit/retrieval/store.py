@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ TEMP_PREFIX = ".tmp-"
 _DATA_FILE = re.compile(r"^(vectors\.\d+\.faiss|metadata\.\d+\.sqlite)$")
 _GENERATION = re.compile(r"^[a-z]+\.(\d+)\.")  # vectors.7.faiss -> 7
 ID_CHUNK = 500  # ids bound per SQL statement: below SQLite's variable limit (999 before 3.32, 32766 since)
+MAX_IMAGE_ROOTS = 64  # folders recorded in index.json; more are merged into their parents
+MAX_IMAGE_BYTES = 256 * 2**20  # the largest image file a row may name (the server reads it whole)
 OPEN_ATTEMPTS = 5  # a reader re-reads index.json this often when writers keep replacing what it names
 
 SCHEMA = """
@@ -235,7 +238,7 @@ class RetrievalIndex:
         self.vectors = faiss.read_index(str(self.index_dir / self.manifest["vectors_file"]), flags)
         apply_search_params(self.vectors, self.kind, self.params)
         # Committed data files never change, so SQLite may skip locking (immutable=1).
-        uri = (self.index_dir / self.manifest["metadata_file"]).resolve().as_uri() + "?mode=ro&immutable=1"
+        uri = _sqlite_uri(self.index_dir / self.manifest["metadata_file"], "mode=ro&immutable=1")
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._db_lock = threading.Lock()
         stored = self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -291,6 +294,17 @@ class RetrievalIndex:
     def generation(self) -> int:
         return int(self.manifest.get("generation", 0))
 
+    @property
+    def image_roots(self) -> list[str] | None:
+        """The folders holding the indexed images, as recorded when the index was written (None: an index
+        written before clipkit recorded them)."""
+        roots = self.manifest.get("image_roots")
+        if not isinstance(roots, list) or not all(
+            isinstance(root, str) and root.startswith("/") for root in roots
+        ):
+            return None
+        return roots
+
     def close(self) -> None:
         self._db.close()
         self._hold.close()  # releases the shared lock: writers may now remove this generation
@@ -325,6 +339,80 @@ def _hold_file(path: Path):
         handle.close()
         raise
     return handle
+
+
+class ImageUnavailable(Exception):
+    """An index row whose bytes are not served; the message says why (for the server's log)."""
+
+
+def read_record_bytes(
+    record: ImageRecord, roots: Sequence[str], *, max_bytes: int = MAX_IMAGE_BYTES
+) -> bytes:
+    """The bytes of an index row, read only from a regular file under one of `roots` and at most `max_bytes`.
+
+    An index is not trusted: its rows could name /dev/zero, a FIFO, or a file outside the collection.
+    Raises ImageUnavailable."""
+    if not 0 < record.length <= max_bytes or (record.offset is not None and record.offset < 0):
+        raise ImageUnavailable(
+            f"row {record.id}: {record.length} bytes at offset {record.offset} is out of range"
+        )
+    real = os.path.realpath(record.path)
+    if not any(_is_within(real, os.path.realpath(root)) for root in roots):
+        raise ImageUnavailable(
+            f"row {record.id}: {record.path} is outside the index's image folders {list(roots)}"
+        )
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: the path was resolved above.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageUnavailable(f"row {record.id}: cannot open {record.path} ({e.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageUnavailable(f"row {record.id}: {record.path} is not a regular file")
+        offset = record.offset or 0
+        if record.offset is None and info.st_size != record.length or offset + record.length > info.st_size:
+            raise ImageUnavailable(f"row {record.id}: {record.path} is not the size it was when indexed")
+        data = os.pread(fd, record.length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != record.length:
+        raise ImageUnavailable(f"row {record.id}: {record.path} is shorter than when it was indexed")
+    return data
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _sqlite_uri(path: Path, query: str) -> str:
+    """A read URI for SQLite; as_uri() percent-encodes the path, so a '#' or '?' in it stays part of the name."""
+    return f"{path.resolve().as_uri()}?{query}"
+
+
+def _image_roots(metadata_path: Path) -> list[str]:
+    """The fewest folders (at most MAX_IMAGE_ROOTS) that hold every file the metadata's rows name."""
+    db = sqlite3.connect(_sqlite_uri(metadata_path, "mode=ro"), uri=True)
+    try:
+        folders = {
+            os.path.dirname(os.path.realpath(path))
+            for (path,) in db.execute("SELECT DISTINCT path FROM images")
+        }
+    finally:
+        db.close()
+    roots = _outermost(folders)
+    while len(roots) > MAX_IMAGE_ROOTS:  # a table naming files all over: widen to parents
+        roots = _outermost({os.path.dirname(root) for root in roots})
+    return roots
+
+
+def _outermost(folders: set[str]) -> list[str]:
+    """`folders` without those inside another of them, sorted."""
+    kept: list[str] = []
+    for folder in sorted(folders, key=lambda f: f.split("/")):  # by component: /a/c before /a-b
+        if not kept or not _is_within(folder, kept[-1]):
+            kept.append(folder)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,7 +463,7 @@ class IndexTransaction:
         db = sqlite3.connect(self.staged_metadata)
         if self.previous is not None and not fresh:
             committed = sqlite3.connect(
-                f"file:{self.index_dir / self.previous['metadata_file']}?mode=ro", uri=True
+                _sqlite_uri(self.index_dir / self.previous["metadata_file"], "mode=ro"), uri=True
             )
             try:
                 committed.backup(db)
@@ -396,6 +484,7 @@ class IndexTransaction:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             **manifest,
+            "image_roots": _image_roots(self.staged_metadata),
             "generation": generation,
             "vectors_file": vectors_file,
             "metadata_file": metadata_file,

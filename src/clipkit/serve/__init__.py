@@ -1,6 +1,28 @@
-"""HTTP serving of a retrieval index (FastAPI + uvicorn): search, images, embeddings, health, metrics, a page."""
+"""HTTP serving of a retrieval index (FastAPI + uvicorn): search, images, embeddings, health, metrics, a page.
 
-from clipkit.serve.app import ServeConfig, create_app
-from clipkit.serve.batching import BatcherStopped, BatchFailed, MicroBatcher, Overloaded
+Names are imported on first use (PEP 562), so `clipkit.serve.config` (the CLI's flags) loads no torch.
+"""
 
-__all__ = ["BatchFailed", "BatcherStopped", "MicroBatcher", "Overloaded", "ServeConfig", "create_app"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the module that defines it.
+_LAZY = {
+    "ServeConfig": "clipkit.serve.config",
+    "InvalidServeSetting": "clipkit.serve.config",
+    "create_app": "clipkit.serve.app",
+    "BatchFailed": "clipkit.serve.batching",
+    "BatcherStopped": "clipkit.serve.batching",
+    "MicroBatcher": "clipkit.serve.batching",
+    "Overloaded": "clipkit.serve.batching",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'clipkit.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

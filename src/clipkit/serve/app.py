@@ -13,7 +13,6 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated
 
@@ -25,12 +24,22 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from clipkit.retrieval import Encoder, ImageRecord, RetrievalIndex, read_item_bytes
+from clipkit.retrieval import Encoder, ImageRecord, ImageUnavailable, RetrievalIndex, read_record_bytes
 from clipkit.serve.batching import MicroBatcher
+from clipkit.serve.config import ServeConfig
 from clipkit.serve.generations import ServedIndex, reload_now, watch_manifest
-from clipkit.serve.guards import ApiKeyGuard, BodySizeLimit, UploadError, decode_upload
-from clipkit.serve.limits import RequestDeadline, add_overload_handlers
+from clipkit.serve.guards import (
+    ApiKeyGuard,
+    BodySizeLimit,
+    CrossSiteGuard,
+    DecodeSlots,
+    UploadError,
+    decode_upload,
+    key_cookie,
+)
+from clipkit.serve.limits import InFlightLimit, RequestDeadline, add_overload_handlers
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from clipkit.serve.thumbnails import THUMBNAIL_SIZES, ByteBoundedCache, render_thumbnail
 
@@ -42,27 +51,22 @@ MAX_EMBED_TEXTS = 64
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's INTEGER range
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
               "/page.css": ("page.css", "text/css")}  # fmt: skip
+# What an index row's media_type may be served as: the formats the data layer indexes. A row saying text/html
+# (an index is not trusted) would otherwise make a file a page on this origin.
+SERVED_MEDIA_TYPES = {"image/jpeg": "image/jpeg", "image/mpo": "image/jpeg", "image/png": "image/png",
+                      "image/webp": "image/webp", "image/gif": "image/gif", "image/bmp": "image/bmp",
+                      "image/tiff": "image/tiff"}  # fmt: skip
+# What answers without the key: probes, scraping, the page (it asks for the key) and the API docs.
+OPEN_PATHS = frozenset({*PAGE_FILES, "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",
+                        "/openapi.json", "/favicon.ico"})  # fmt: skip
+# Routes that change what the server does (not only what it answers): never from another site's page.
+STATE_CHANGING_PATHS = ("/v1/index/reload", "/v1/session")
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    api_key: str | None = None  # when set, every /v1 route needs `Authorization: Bearer <api_key>`
-    max_batch: int = 64  # text queries encoded together at most
-    max_image_batch: int = 16  # uploaded images encoded together at most
-    batch_wait_ms: float = 2.0  # how long a query waits for others to join its batch
-    max_queue: int = 256  # requests waiting per batcher; past this, 503 at once
-    request_timeout_s: float = 30.0  # a request not answered by then gets 503
-    retry_after_s: int = 1  # the Retry-After of 503 answers
-    reload_interval_s: float = 2.0  # how often index.json is checked for a new generation (0: never)
-    max_upload_bytes: int = 10 * 2**20
-    max_image_pixels: int = 40_000_000  # uploads with more pixels are refused (413) before decoding
-    thumbnail_cache_bytes: int = 64 * 2**20  # thumbnails kept in memory, in bytes
 
 
 class SearchRequest(BaseModel):
@@ -130,6 +134,10 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipkit-model")
     fingerprint = served.fingerprint
     thumbnails = ByteBoundedCache(config.thumbnail_cache_bytes)
+    decoders = DecodeSlots(config.max_decodes, wait_s=config.decode_wait_s)
+    if config.image_roots is None and index.image_roots is None:
+        log.warning("%s records no image folders (written before clipkit recorded them): its images are not "
+                    "served; rebuild the index or pass the folders as image_roots", index.index_dir)  # fmt: skip
 
     def search_texts(requests: list[tuple[str, int]]) -> list[list[SearchResult]]:
         vectors = encoder.encode_texts([query for query, _ in requests])  # (B, D)
@@ -198,11 +206,14 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
             for batcher in batchers.values():
                 await batcher.stop()
             model_thread.shutdown(wait=True)
+            decoders.close()
 
     app = FastAPI(
         title="clipkit retrieval",
         summary=f"Text-to-image search over {index.count} images",
-        description="Every /v1 route needs `Authorization: Bearer <key>`." if config.api_key else "",
+        description="Every route but the page, probes, metrics and docs needs `Authorization: Bearer <key>`."
+        if config.api_key
+        else "",
         version="1",
         lifespan=lifespan,
     )
@@ -213,9 +224,10 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     async def encode_upload(image: UploadFile, k: int | None) -> tuple[np.ndarray, list | None]:
         data = await image.read()
         try:
-            pixels = await run_in_threadpool(_upload_pixels, encoder, data, config.max_image_pixels)
+            pixels = await decoders.run(_upload_pixels, encoder, data, config.max_image_pixels)
         except UploadError as e:
-            raise HTTPException(e.status, str(e)) from None
+            retry = {"Retry-After": str(config.retry_after_s)} if e.status == 503 else None
+            raise HTTPException(e.status, str(e), headers=retry) from None
         return await batchers["image"].submit((pixels, k))  # ((1, D), results or None)
 
     @app.post(
@@ -260,13 +272,15 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     def image_bytes(image_id: int, size: int | None) -> tuple[bytes, str]:
         with served.reading() as current:
+            # Each generation records the folders of its own images (an add may bring new ones).
+            image_roots = config.image_roots or current.image_roots
             if size is None:
-                return _original(current, image_id)
+                return _original(current, image_id, image_roots)
             # Ids keep their image across appends; a rebuild is a new model-checked generation, hence the key.
             key = (current.generation, image_id, size)
             cached = thumbnails.get(key)
             if cached is None:
-                cached = render_thumbnail(*_original(current, image_id), size)
+                cached = render_thumbnail(*_original(current, image_id, image_roots), size)
                 thumbnails.put(key, cached)
             return cached
 
@@ -287,6 +301,16 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     async def embed_image(image: Annotated[UploadFile, File(description="an image file")]) -> EmbedResponse:
         vector, _ = await encode_upload(image, None)
         return EmbedResponse(embeddings=vector.tolist(), dim=index.dim, model=fingerprint)
+
+    @app.post(
+        "/v1/session",
+        status_code=204,
+        summary="Sign the search page in: sets an HttpOnly cookie holding the key (send the key as Bearer)",
+    )
+    async def sign_in() -> Response:
+        # The key guard has checked the Bearer key already; without a key configured there is nothing to keep.
+        headers = {"Set-Cookie": key_cookie(config.api_key)} if config.api_key else {}
+        return Response(status_code=204, headers={**headers, "Cache-Control": "no-store"})
 
     @app.post(
         "/v1/index/reload",
@@ -349,14 +373,20 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
 
     add_overload_handlers(app, retry_after_s=config.retry_after_s)
     known_paths = {route.path for route in app.routes}
-    # The last added runs first: metrics see every answer; the deadline covers reading the body too;
-    # the key is checked before any body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes + 64 * 1024)  # + multipart framing
+    # The last added runs first: metrics see every answer; a foreign Host is refused before anything else
+    # (DNS rebinding); the in-flight bound and the deadline cover reading the body too; the key and the
+    # site are checked before any body is read.
+    max_body_bytes = config.max_upload_bytes + 64 * 1024  # + multipart framing
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if config.api_key:
-        app.add_middleware(ApiKeyGuard, api_key=config.api_key, prefix="/v1/")
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key, open_paths=OPEN_PATHS)
+    app.add_middleware(CrossSiteGuard, paths=STATE_CHANGING_PATHS)
     app.add_middleware(
         RequestDeadline, timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s
     )
+    app.add_middleware(InFlightLimit, max_requests=config.max_requests, retry_after_s=config.retry_after_s,
+                       max_body_bytes=max_body_bytes)  # fmt: skip
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app
 
@@ -387,21 +417,26 @@ def _search_vectors(index: RetrievalIndex, vectors: np.ndarray, ks: list[int]) -
     return answers
 
 
-def _original(index: RetrievalIndex, image_id: int) -> tuple[bytes, str]:
+def _original(index: RetrievalIndex, image_id: int, roots: list[str] | None) -> tuple[bytes, str]:
     record: ImageRecord | None = index.record(image_id)
     if record is None:
         raise HTTPException(404, f"no image with id {image_id}; ids run from 0 to {index.count - 1}")
+    media_type = SERVED_MEDIA_TYPES.get(record.media_type)
+    if media_type is None or roots is None:
+        log.warning("image %d: not served (%s)", image_id,
+                    f"media type {record.media_type!r}" if roots else "no image folders recorded")  # fmt: skip
+        raise HTTPException(404, f"image {image_id} is not served")
     try:
-        data = read_item_bytes(record.path, record.offset, record.length)
-    except OSError as e:
-        log.warning("image %d: cannot read %s: %s", image_id, record.path, e)
+        data = read_record_bytes(record, roots)
+    except ImageUnavailable as e:
+        log.warning("image %d: %s", image_id, e)
         raise HTTPException(404, f"image {image_id} is no longer readable on the server") from None
     # A shard replaced or damaged since indexing can still hold enough bytes at the offset: other bytes.
     if hashlib.sha256(data).hexdigest() != record.sha256:
         log.warning("image %d: %s changed since it was indexed (other bytes at offset %s); re-index it",
                     image_id, record.path, record.offset)  # fmt: skip
         raise HTTPException(404, f"image {image_id} is no longer readable on the server")
-    return data, record.media_type
+    return data, media_type
 
 
 def _static_endpoint(file_name: str, media_type: str):

@@ -5,10 +5,12 @@ The key and the body size are checked by ASGI middleware, before FastAPI reads o
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -24,15 +26,24 @@ class UploadError(Exception):
         self.status = status
 
 
+# The formats the data layer indexes (clipkit.data.images.IMAGE_EXTENSIONS), as PIL names them (its JPEG
+# plugin also opens a phone's multi-picture JPEG, MPO). Anything else (EPS runs Ghostscript, ICO decodes
+# whole inside Image.open) is refused before PIL's plugin for it sees a byte.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def decode_upload(data: bytes, *, max_pixels: int) -> Image.Image:
-    """An RGB image from uploaded bytes; UploadError 415 for anything PIL cannot decode, 413 when too big."""
+    """An RGB image from uploaded bytes; UploadError 415 for anything not an allowed, decodable format, 413
+    when it declares more than `max_pixels` pixels (checked from the header, before any pixel is decoded)."""
     if not data:
         raise UploadError(415, "the upload is empty; send an image file (JPEG, PNG, WebP, ...)")
+    Image.init()  # registers every plugin: open(formats=) looks up only registered ones
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size  # from the header: checked before decoding any pixels
+            # formats=: only these plugins may parse the header; none of them decodes pixels while opening.
+            with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+                width, height = image.size  # from the header
                 if width * height > max_pixels:
                     raise UploadError(
                         413, f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels"
@@ -45,8 +56,40 @@ def decode_upload(data: bytes, *, max_pixels: int) -> Image.Image:
         raise UploadError(413, f"the image is too large to decode ({e})") from None
     except Exception as e:  # noqa: BLE001 (PIL raises many types for data it cannot decode)
         raise UploadError(
-            415, f"the upload is not an image this server can decode ({type(e).__name__})"
+            415,
+            f"the upload is not an image this server decodes ({type(e).__name__}); send JPEG, PNG, WebP, GIF, "
+            "BMP or TIFF",
         ) from None
+
+
+class DecodeSlots:
+    """At most `slots` uploads decoded at once, on their own threads; a request waits `wait_s` for a slot,
+    then gets 503 (UploadError). A slot is freed when its decode ends, even if the request was cancelled
+    meanwhile, so a deadline never lets more decodes run than there are slots."""
+
+    def __init__(self, slots: int, *, wait_s: float):
+        self.slots = slots
+        self.wait_s = wait_s
+        self._free = asyncio.Semaphore(slots)
+        self._threads = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="clipkit-decode")
+
+    async def run(self, function, *args):
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+        except asyncio.TimeoutError:
+            raise UploadError(503, f"all {self.slots} image decoders are busy; retry later") from None
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._threads.submit(function, *args)
+        except BaseException:
+            self._free.release()
+            raise
+        # On the job itself, not on the awaiting task: a cancelled request does not stop a running decode.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._free.release))
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True)
 
 
 class BodySizeLimit:
@@ -94,38 +137,99 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _drain(self, receive, declared: int | None) -> None:
-        """Read and drop the rest of a refused body (up to a bound), so the client sees our answer
-        instead of a reset connection while it is still sending."""
-        if declared is not None and declared > _DRAIN_LIMIT_FACTOR * self.max_bytes:
+        await drain_body(receive, declared, limit=_DRAIN_LIMIT_FACTOR * self.max_bytes)
+
+
+async def drain_body(receive, declared: int | None, *, limit: int) -> None:
+    """Read and drop the rest of a refused body (up to `limit` bytes), so the client sees our answer
+    instead of a reset connection while it is still sending."""
+    if declared is not None and declared > limit:
+        return
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
             return
-        seen = 0
-        while seen <= _DRAIN_LIMIT_FACTOR * self.max_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+KEY_COOKIE = "clipkit-key"
 
 
 class ApiKeyGuard:
-    """ASGI middleware: requests under `prefix` need `Authorization: Bearer <key>`, else 401 at once."""
+    """ASGI middleware: every request but those to `open_paths` needs the key, else 401 at once (a route added
+    later is guarded without anyone remembering to). The key comes as
+    `Authorization: Bearer <key>`, or from the search page as the HttpOnly cookie its sign-in set (no script
+    can read it, and SameSite=Strict keeps other sites' pages from sending it)."""
 
-    def __init__(self, app, *, api_key: str, prefix: str = "/v1/"):
+    def __init__(self, app, *, api_key: str, open_paths: frozenset[str]):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
-        self.prefix = prefix
+        self.expected_cookie = api_key.encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no prefix of the key leaks
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"")
+            cookie = _cookie(headers.get(b"cookie", b""), KEY_COOKIE.encode())
+            # Constant time: no prefix of the key leaks.
+            if not hmac.compare_digest(given, self.expected) and not (
+                cookie is not None and hmac.compare_digest(cookie, self.expected_cookie)
+            ):
                 await refuse(
                     send, 401, "missing or wrong API key: send Authorization: Bearer <key>",
                     extra_headers=[(b"www-authenticate", b"Bearer")],
                 )  # fmt: skip
                 return
         await self.app(scope, receive, send)
+
+
+def key_cookie(api_key: str) -> str:
+    """The Set-Cookie value that signs the search page in: HttpOnly (no script reads it), SameSite=Strict."""
+    return f"{KEY_COOKIE}={api_key}; HttpOnly; SameSite=Strict; Path=/"
+
+
+def _cookie(header: bytes, name: bytes) -> bytes | None:
+    for part in header.split(b";"):
+        key, _, value = part.strip().partition(b"=")
+        if key == name:
+            return value
+    return None
+
+
+class CrossSiteGuard:
+    """ASGI middleware: requests to `paths` (state changes) that a browser says come from another origin get
+    403 at once. Browsers name the requesting page (Sec-Fetch-Site, Origin), and a page elsewhere, or one
+    on a name rebound to this address, must not reload the index; clients that are not browsers send
+    neither header and pass."""
+
+    def __init__(self, app, *, paths: tuple[str, ...]):
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] in self.paths
+            and self._cross_origin(dict(scope["headers"]))
+        ):
+            await refuse(send, 403, f"{scope['path']} refused: the request comes from another site's page")
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _cross_origin(headers: dict[bytes, bytes]) -> bool:
+        fetch_site = headers.get(b"sec-fetch-site")
+        if fetch_site is not None and fetch_site not in (b"same-origin", b"none"):  # none: typed by the user
+            return True
+        origin = headers.get(b"origin")
+        if origin is None:
+            return False
+        # Origin is scheme://host[:port]; this server's own pages send the Host they were loaded from.
+        return origin.partition(b"://")[2] != headers.get(b"host", b"")
 
 
 async def refuse(send, status: int, detail: str, *, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:

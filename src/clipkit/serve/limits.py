@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from clipkit.serve.batching import BatcherStopped, BatchFailed, Overloaded
-from clipkit.serve.guards import refuse
+from clipkit.serve.guards import drain_body, refuse
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,39 @@ class RequestDeadline:
                 send, 503, f"no answer within the request deadline ({self.timeout_s:g} s): the server is busy; "
                 "retry later", extra_headers=[(b"retry-after", self.retry_after)],
             )  # fmt: skip
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `max_requests` requests in progress; past that, 503 with Retry-After at once,
+    before the body is read. It bounds what requests can hold together (bodies, queued work)."""
+
+    def __init__(self, app, *, max_requests: int, retry_after_s: int, max_body_bytes: int):
+        self.app = app
+        self.max_requests = max_requests
+        self.max_body_bytes = max_body_bytes
+        self.retry_after = str(retry_after_s).encode()
+        self.in_progress = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_requests:
+            # An upload still being sent would otherwise meet a reset instead of the 503.
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            await drain_body(
+                receive, int(declared) if declared.isdigit() else None, limit=self.max_body_bytes
+            )
+            await refuse(
+                send, 503, f"{self.max_requests} requests are in progress, the most this server takes; retry later",
+                extra_headers=[(b"retry-after", self.retry_after)],
+            )  # fmt: skip
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 def add_overload_handlers(app: FastAPI, *, retry_after_s: int) -> None:

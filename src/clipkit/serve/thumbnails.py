@@ -13,6 +13,8 @@ from collections.abc import Hashable
 
 from PIL import Image, ImageOps
 
+from clipkit.serve.guards import UPLOAD_FORMATS
+
 THUMBNAIL_SIZES = (64, 128, 256, 512)  # pixels, the longer side at most
 
 
@@ -54,7 +56,9 @@ class ByteBoundedCache:
 
 def render_thumbnail(data: bytes, media_type: str, size: int) -> tuple[bytes, str]:
     """The image in `data` shrunk to fit size x size (never enlarged), upright, as PNG or JPEG."""
-    with Image.open(io.BytesIO(data)) as image:
+    # Only the formats uploads may have: a row's bytes are checked against its hash, not its media type.
+    Image.init()
+    with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
         # thumbnail() on an image not yet loaded lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Image.draft)
         # when that still leaves twice the size: no full decode of a large photo. The box is square, so
         # shrinking before turning the image upright gives the same size.

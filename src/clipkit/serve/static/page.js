@@ -1,16 +1,10 @@
 // The search page: POST /v1/search (or /v1/search/image), then one thumbnail per result.
-// Thumbnails are fetched with fetch() rather than <img src>, so they carry the API key when one is set.
+// When the server wants an API key, the page asks for it once and trades it (POST /v1/session) for an HttpOnly
+// cookie that every later request carries: the key is kept nowhere a script, this one included, can read it.
 // A text search lives in the page's URL (?q=...&k=...), so it can be shared, bookmarked and reloaded.
 "use strict";
 
 const THUMBNAIL_SIZE = 256;
-let apiKey = sessionStorage.getItem("clipkit-api-key") || "";
-
-function headers(extra) {
-  const h = Object.assign({}, extra || {});
-  if (apiKey) h["Authorization"] = "Bearer " + apiKey;
-  return h;
-}
 
 function setStatus(text, isError) {
   const status = document.getElementById("status");
@@ -33,7 +27,7 @@ async function describeError(response) {
 }
 
 async function loadThumbnail(img, id) {
-  const response = await fetch("/v1/images/" + id + "?size=" + THUMBNAIL_SIZE, { headers: headers() });
+  const response = await fetch("/v1/images/" + id + "?size=" + THUMBNAIL_SIZE);
   if (!response.ok) return;
   img.src = URL.createObjectURL(await response.blob());
   img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
@@ -82,7 +76,7 @@ function k() {
 function searchText(query, count) {
   run(() => fetch("/v1/search", {
     method: "POST",
-    headers: headers({ "Content-Type": "application/json" }),
+    headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ query: query, k: count }),
   }));
 }
@@ -124,13 +118,21 @@ document.getElementById("image-query").addEventListener("change", (event) => {
   const form = new FormData();
   form.append("image", file);
   form.append("k", String(k()));
-  run(() => fetch("/v1/search/image", { method: "POST", headers: headers(), body: form }));
+  run(() => fetch("/v1/search/image", { method: "POST", body: form }));
 });
 
-document.getElementById("key-row").addEventListener("submit", (event) => {
+document.getElementById("key-row").addEventListener("submit", async (event) => {
   event.preventDefault();
-  apiKey = document.getElementById("api-key").value;
-  sessionStorage.setItem("clipkit-api-key", apiKey);
+  const input = document.getElementById("api-key");
+  const response = await fetch("/v1/session", {
+    method: "POST",
+    headers: { Authorization: "Bearer " + input.value },
+  });
+  input.value = "";
+  if (!response.ok) {
+    setStatus("error " + response.status + ": " + (await describeError(response)), true);
+    return;
+  }
   document.getElementById("key-row").hidden = true;
   document.getElementById("search-form").requestSubmit();
 });
