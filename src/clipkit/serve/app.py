@@ -30,7 +30,7 @@ from clipkit.retrieval import Encoder, ImageRecord, RetrievalIndex, read_item_by
 from clipkit.serve.batching import MicroBatcher
 from clipkit.serve.generations import ServedIndex, reload_now, watch_manifest
 from clipkit.serve.guards import ApiKeyGuard, BodySizeLimit, UploadError, decode_upload
-from clipkit.serve.knn_service import knn_service_router
+from clipkit.serve.knn_service import add_knn_service
 from clipkit.serve.limits import RequestDeadline, add_overload_handlers
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from clipkit.serve.thumbnails import THUMBNAIL_SIZES, ByteBoundedCache, render_thumbnail
@@ -333,9 +333,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(
-        knn_service_router(encoder, config, index_name=index.index_dir.name)
-    )  # clip-retrieval's API
+    add_knn_service(app, encoder, config, index_name=index.index_dir.name)  # clip-retrieval's API
     for route_path, (file_name, media_type) in PAGE_FILES.items():
         app.add_api_route(
             route_path, _static_endpoint(file_name, media_type), methods=["GET"], include_in_schema=False

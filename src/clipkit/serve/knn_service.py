@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -72,10 +72,10 @@ _UNSUPPORTED = (
 )
 
 
-def knn_service_router(encoder: Encoder, config, *, index_name: str) -> APIRouter:
-    """The routes, under `config`'s API key and upload limits (a `ServeConfig`); they read the served index and
-    the batchers from `app.state` (see `clipkit.serve.app`)."""
-    router = APIRouter(tags=["clip-retrieval"])
+def add_knn_service(app: FastAPI, encoder: Encoder, config, *, index_name: str) -> None:
+    """Add the routes to `app`, under `config`'s API key and upload limits (a `ServeConfig`); they read the
+    served index and the batchers from `app.state` (see `clipkit.serve.app`)."""
+    router = app
     api_key, max_upload_bytes, max_image_pixels = (
         config.api_key,
         config.max_upload_bytes,
@@ -167,8 +167,6 @@ def knn_service_router(encoder: Encoder, config, *, index_name: str) -> APIRoute
                 )  # fmt: skip
             return vector / np.linalg.norm(vector)  # cosine similarity, as for text and image queries
         raise HTTPException(422, "send one of text, image (base64) or embedding_input")
-
-    return router
 
 
 def _parse(model: type[BaseModel], body: bytes):
