@@ -351,20 +351,27 @@ def run_tool(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subproc
 
 @pytest.fixture(scope="module")
 def img2dataset_shards(interop_venv, tmp_path_factory) -> tuple[Path, list[Path]]:
-    """Shards img2dataset 1.47 made from a URL list of local files (file:// URLs), as the README shows."""
+    """Shards img2dataset 1.47 made by the README's commands, as typed: from a URL list (file:// URLs of local
+    photos, with captions) into shards/, and from local files into local-shards/."""
+    from test_retrieval_readme import blocks
+
     root = tmp_path_factory.mktemp("i2d")
     (root / "photos").mkdir()
     files = []
     for i, image in enumerate(make_images(12, seed=9)):
-        files.append(root / "photos" / f"{i:02d}.png")
-        files[-1].write_bytes(encode(image, "png"))
+        files.append(root / "photos" / f"{i:02d}.jpg")
+        files[-1].write_bytes(encode(image, "jpg"))
     lines = ["url\tcaption", *(f"{f.resolve().as_uri()}\tphoto {i}" for i, f in enumerate(files))]
     (root / "urls.tsv").write_text("\n".join(lines) + "\n")
-    run_tool(interop_venv, "img2dataset", "--url_list", "urls.tsv", "--input_format", "tsv", "--url_col", "url",
-             "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", "shards",
-             "--processes_count", "1", "--thread_count", "2", "--resize_mode", "no", "--enable_wandb", "False",
-             cwd=root)  # fmt: skip
-    assert sorted(p.name for p in (root / "shards").glob("*.tar")) == ["00000.tar"]
+    url_list, local_files = blocks("bash")[3], blocks("bash")[4]
+    assert url_list.startswith("img2dataset --url_list urls.tsv") and "local.tsv" in local_files
+    for command in [*url_list.splitlines(), *local_files.splitlines()]:
+        done = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=600,
+                              env=tool_env(PATH=f"{interop_venv / 'bin'}{os.pathsep}{os.environ['PATH']}"))  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+    for folder in ("shards", "local-shards"):
+        assert sorted(p.name for p in (root / folder).glob("*.tar")) == ["00000.tar"]
+        assert len(list_images(root / folder).items) == 12  # file:// URLs: nothing left out
     return root / "shards", files
 
 
