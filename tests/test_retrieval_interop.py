@@ -311,7 +311,8 @@ def test_knn_service_needs_the_api_key_when_the_server_has_one(served_index):
     try:
         with TestClient(create_app(index, encoder, ServeConfig(api_key="s3cret"))) as client:
             body = {"text": "photo", "num_images": 2, "modality": "image"}
-            assert client.post("/knn-service", json=body).status_code == 401
+            refused = client.post("/knn-service", json=body)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
             assert client.get("/indices-list").status_code == 401
             answer = client.post("/knn-service", json=body, headers={"Authorization": "Bearer s3cret"})
             assert answer.status_code == 200 and len(answer.json()) == 2
@@ -468,16 +469,17 @@ _WRITE_AS_INFERENCE = """
 import json, sys, tarfile
 import numpy as np
 from clip_retrieval.clip_inference.writer import NumpyWriter
-shard, vectors, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
+shard, images, texts, out = sys.argv[1], np.load(sys.argv[2]), np.load(sys.argv[3]), sys.argv[4]
 samples = {}
 with tarfile.open(shard) as tar:
     for member in tar:
         key, ext = member.name.split(".", 1)
         samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
 keys = sorted(k for k in samples if "jpg" in samples[k])
-writer = NumpyWriter(partition_id=0, output_folder=out, enable_text=False, enable_image=True, enable_metadata=True,
+writer = NumpyWriter(partition_id=0, output_folder=out, enable_text=True, enable_image=True, enable_metadata=True,
                      output_partition_count=1)
-writer({"image_embs": vectors.astype(np.float16), "image_filename": keys,
+writer({"image_embs": images.astype(np.float16), "image_filename": keys, "text_embs": texts.astype(np.float16),
+        "text": [samples[k]["txt"].decode("utf-8") for k in keys],
         "metadata": [samples[k]["json"].decode("utf-8") for k in keys]})
 writer.flush()
 """
@@ -492,8 +494,9 @@ def test_clipkit_indexes_what_clip_retrieval_inference_writes(
     encoder, _ = load_encoder(model_dir)
     vectors = np.concatenate([batch.vectors for batch in embed_items(listing.items, encoder)])  # (12, D)
     np.save(tmp_path / "vectors.npy", vectors)
+    np.save(tmp_path / "texts.npy", encoder.encode_texts([item.caption for item in listing.items]))
     subprocess.run([str(interop_venv / "bin/python"), "-c", _WRITE_AS_INFERENCE, str(shards / "00000.tar"),
-                    str(tmp_path / "vectors.npy"), str(tmp_path / "crout")],
+                    str(tmp_path / "vectors.npy"), str(tmp_path / "texts.npy"), str(tmp_path / "crout")],
                    cwd=tmp_path, env=tool_env(), check=True, timeout=300)  # fmt: skip
     crout = tmp_path / "crout"
     assert sorted(p.name for p in (crout / "img_emb").iterdir()) == ["img_emb_0.npy"]  # unpadded

@@ -88,7 +88,11 @@ def add_knn_service(app: FastAPI, encoder: Encoder, config, *, index_name: str) 
             return
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-            raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key>")
+            raise HTTPException(
+                401,
+                "missing or wrong API key: send Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def check_index(name: str | None) -> None:
         if name is not None and name != index_name:
