@@ -438,6 +438,7 @@ def clip_client(venv: Path, url: str, index_name: str, queries: list[dict], cwd:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.interop
 @pytest.mark.slow  # ~2 min: the venv (once), img2dataset, autofaiss and clip-retrieval's back end starting
 def test_clip_retrievals_back_end_serves_clipkits_embeddings_of_img2dataset_shards(
     interop_venv, img2dataset_shards, model_dir, tmp_path
@@ -485,6 +486,7 @@ writer.flush()
 """
 
 
+@pytest.mark.interop
 @pytest.mark.slow  # ~30 s: clip-retrieval's writer in its venv, an index build
 def test_clipkit_indexes_what_clip_retrieval_inference_writes(
     interop_venv, img2dataset_shards, model_dir, tmp_path
@@ -520,6 +522,7 @@ def test_clipkit_indexes_what_clip_retrieval_inference_writes(
         index.close()
 
 
+@pytest.mark.interop
 @pytest.mark.slow  # ~1 min: clipkit serve, then ClipClient in its venv
 def test_clip_client_queries_clipkit_serve(interop_venv, served_index, tmp_path):
     from test_serve_e2e import running_server
