@@ -1,5 +1,7 @@
 """Embed a collection's images into clip-retrieval's layout: DIR/img_emb/img_emb_NNNN.npy and
 DIR/metadata/metadata_NNNN.parquet in pairs, row for row, plus DIR/embeddings.json (model, dimension, counts).
+The metadata has clip-retrieval's columns (image_path for image files, caption, KEY.json / table fields such as
+url flattened into columns), so `clip-retrieval back` serves the index autofaiss builds from it.
 
 Runs in one process, or across processes, GPUs and machines with the same arguments under
 `accelerate launch -m clipkit.embed`: the source is cut into parts of --part-size images and each process

@@ -5,7 +5,8 @@ webdataset shards (FILE.tar, a folder of .tar files, or a glob / {000..009} patt
 JSONL / Parquet table with an image path column (paths relative to the table) and optional caption and metadata
 columns. Images with the same content are indexed once; undecodable ones are skipped and listed, and so is a
 damaged shard (truncated or corrupt), whose samples before the damage are kept.
-`--from-embeddings DIR` builds from what `clipkit embed` wrote to DIR instead, without embedding again.
+`--from-embeddings DIR` builds from what `clipkit embed` (or `clip-retrieval inference`, with --model naming its
+model) wrote to DIR instead, without embedding again.
 The index type follows the collection's size and --max-memory (flat, HNSW, IVF-Flat, OPQ + IVF-PQ, or an
 IVF index memory-mapped from disk), and its search setting is tuned to --target-recall recall@10 against
 exact search; index.json records the measured recall and latency.
@@ -24,14 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = actions.add_parser("build", help="embed a collection and write a new index", description=__doc__)
     build.add_argument(
         "--model",
-        help="run dir, exported dir, local-dir:PATH, config or architecture (with --from-embeddings: optional, "
-        "checked against the embeddings' model)",
+        help="run dir, exported dir, local-dir:PATH, config or architecture (with --from-embeddings: checked "
+        "against the embeddings' model; required for clip-retrieval's, which do not name theirs)",
     )
     inputs = build.add_mutually_exclusive_group(required=True)
     inputs.add_argument(
         "--images", metavar="SOURCE", help="image folder, shards, or a table (CSV, JSONL, Parquet)"
     )
-    inputs.add_argument("--from-embeddings", metavar="DIR", help="embeddings written by `clipkit embed`")
+    inputs.add_argument(
+        "--from-embeddings", metavar="DIR", help="embeddings written by `clipkit embed` or `clip-retrieval inference`"
+    )
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     build.add_argument(
         "--index", choices=("auto", "flat", "hnsw", "ivf", "ivfpq"), default="auto",

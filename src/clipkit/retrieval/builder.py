@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -27,7 +29,14 @@ from clipkit.retrieval.index_choice import (
     parse_memory,
     tune_search,
 )
-from clipkit.retrieval.parts import read_job, row_uri
+from clipkit.retrieval.parts import (
+    JOB_NAME,
+    foreign_parts,
+    read_foreign_part,
+    read_job,
+    row_location,
+    row_uri,
+)
 from clipkit.retrieval.sources import ImageItem, list_images, warn_damaged_shards
 from clipkit.retrieval.store import (
     INDEX_KINDS,
@@ -212,13 +221,18 @@ def build_index_from_embeddings(
     target_recall: float = 0.95,
     overwrite: bool = False,
 ) -> IndexReport:
-    """An index of the parts `clipkit embed` wrote to `embeddings_dir`, without embedding anything again.
+    """An index of the embeddings in `embeddings_dir`, without embedding anything again: the parts `clipkit
+    embed` wrote (either layout version), or what `clip-retrieval inference` wrote (no embeddings.json).
 
     The index records the model the embeddings name; `model`, if given, must be that model (it is loaded
-    only to check its fingerprint). Images with the same content are indexed once.
+    only to check its fingerprint). clip-retrieval's output names no model: `model` is required, and its
+    dimension must be the embeddings'. Images with the same content are indexed once.
     """
     _check_index_options(kind, target_recall)
-    out_dir = Path(out_dir)
+    embeddings_dir, out_dir = Path(embeddings_dir), Path(out_dir)
+    if not (embeddings_dir / JOB_NAME).is_file() and (embeddings_dir / "img_emb").is_dir():
+        return _build_from_clip_retrieval(embeddings_dir, out_dir, model=model, pretrained=pretrained, kind=kind,
+                                          max_memory=max_memory, target_recall=target_recall, overwrite=overwrite)  # fmt: skip
     job = read_job(embeddings_dir)
     if not job.complete:
         raise ClipkitError(
@@ -227,32 +241,77 @@ def build_index_from_embeddings(
     identity = job.manifest["model"]
     encoder = None  # the recorded model is loaded only if the index is tuned (text queries)
     if model is not None:
-        encoder, _ = load_index_model({"model": identity}, Path(embeddings_dir), model=model,
+        encoder, _ = load_index_model({"model": identity}, embeddings_dir, model=model,
                                       pretrained=pretrained, device="cpu", precision="fp32")  # fmt: skip
+    _check_build_target(out_dir, overwrite=overwrite)
+    parts = ((vectors, [_record_fields(row) for row in rows]) for vectors, rows, _ in job.iter_parts())
+    return _index_parts(
+        parts, embeddings_dir, out_dir, identity=identity, dim=int(job.manifest["dim"]),
+        encoder=lambda: encoder or _recorded_encoder(identity, embeddings_dir), source=job.manifest["source"],
+        skipped=[tuple(entry) for entry in job.manifest.get("skipped", [])], kind=kind, max_memory=max_memory,
+        target_recall=target_recall,
+    )  # fmt: skip
+
+
+def _build_from_clip_retrieval(
+    embeddings_dir: Path, out_dir: Path, *, model: ModelSpec | None, pretrained, kind, max_memory, target_recall,
+    overwrite: bool,
+) -> IndexReport:  # fmt: skip
+    """`build_index_from_embeddings` of a folder `clip-retrieval inference` wrote."""
+    if model is None:
+        raise ClipkitError(
+            f"{embeddings_dir} has no {JOB_NAME} (clip-retrieval inference output does not say which model made "
+            "it): name that model with --model"
+        )
+    pairs = foreign_parts(embeddings_dir)
+    encoder, identity = load_encoder(model, pretrained=pretrained)
+    _check_build_target(out_dir, overwrite=overwrite)
+
+    def parts():
+        for npy, parquet in pairs:
+            vectors, rows = read_foreign_part(npy, parquet, encoder.embed_dim)
+            yield (
+                vectors,
+                [
+                    _foreign_record_fields(row, vectors[i], f"{parquet.name}#{i}")
+                    for i, row in enumerate(rows)
+                ],
+            )
+
+    return _index_parts(
+        parts(), embeddings_dir, out_dir, identity=identity, dim=encoder.embed_dim, encoder=lambda: encoder,
+        source=str(embeddings_dir.resolve()), skipped=[], kind=kind, max_memory=max_memory,
+        target_recall=target_recall,
+    )  # fmt: skip
+
+
+def _index_parts(
+    parts, embeddings_dir: Path, out_dir: Path, *, identity: dict[str, Any], dim: int,
+    encoder: Callable[[], Encoder | None], source: str, skipped: list, kind: str, max_memory, target_recall: float,
+) -> IndexReport:  # fmt: skip
+    """Write an index of `parts`: (vectors (n, D), n `ImageRecord` fields without the id) per part."""
+    report = IndexReport(index_dir=out_dir, count=0, added=0, duplicates=0, skipped=skipped)
+    captions: set[str] = set()  # distinct, for the tuning queries (bounded: a sample is enough)
 
     def text_queries() -> np.ndarray | None:
-        found = encoder or _recorded_encoder(identity, Path(embeddings_dir))
+        found = encoder()
         return None if found is None else caption_queries(found, captions)
 
-    _check_build_target(out_dir, overwrite=overwrite)
-    report = IndexReport(index_dir=out_dir, count=0, added=0, duplicates=0)
-    report.skipped = [tuple(entry) for entry in job.manifest.get("skipped", [])]
     with IndexTransaction(out_dir) as transaction:
         db = transaction.open_staged_metadata(fresh=True)
         vectors = []
         try:
             known: set[str] = set()
-            captions: set[str] = set()  # distinct, for the tuning queries (bounded: a sample is enough)
-            for part_vectors, rows, _ in job.iter_parts():
+            for part_vectors, fields in parts:
                 keep, records = [], []
-                for i, row in enumerate(rows):
+                for i, row in enumerate(fields):
                     if row["sha256"] in known:
                         report.duplicates += 1
                         continue
                     known.add(row["sha256"])
                     if len(captions) < MAX_CAPTIONS_KEPT and row.get("caption"):
                         captions.add(row["caption"])
-                    records.append(_record_from_row(report.added + len(records), row).to_row())
+                    records.append(ImageRecord(id=report.added + len(records), **row).to_row())
                     keep.append(i)
                 db.executemany(f"INSERT INTO images VALUES ({','.join('?' * 11)})", records)
                 vectors.append(np.ascontiguousarray(part_vectors[keep], dtype=np.float32))  # (n, D)
@@ -269,17 +328,16 @@ def build_index_from_embeddings(
             text_queries=text_queries,
         )  # fmt: skip
         now = _now()
-        source = job.manifest["source"]
         transaction.commit(
             {
                 **chosen,
-                "dim": int(job.manifest["dim"]),
+                "dim": dim,
                 "count": report.added,
                 "model": identity,
                 "created_at": now,
                 "updated_at": now,
                 "sources": [
-                    {**_source_entry(source, report, now), "embeddings": str(Path(embeddings_dir).resolve())}
+                    {**_source_entry(source, report, now), "embeddings": str(embeddings_dir.resolve())}
                 ],
             }
         )
@@ -360,20 +418,63 @@ def _retrain(
     return chosen
 
 
-def _record_from_row(image_id: int, row: dict[str, Any]) -> ImageRecord:
-    return ImageRecord(
-        id=image_id,
-        uri=row_uri(row),
-        path=row["image_path"],
-        offset=row["offset"],
-        length=row["length"],
-        sha256=row["sha256"],
-        media_type=row["media_type"],
-        width=row["width"],
-        height=row["height"],
-        caption=row["caption"],
-        metadata=json.loads(row["metadata"]),
-    )
+def _record_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The `ImageRecord` fields (but the id) of a `clipkit embed` metadata row, either layout version."""
+    return {
+        "uri": row_uri(row),
+        "path": row_location(row),
+        "offset": row["offset"],
+        "length": row["length"],
+        "sha256": row["sha256"],
+        "media_type": row["media_type"],
+        "width": row["width"],
+        "height": row["height"],
+        "caption": row["caption"],
+        "metadata": json.loads(row["metadata"]),
+    }
+
+
+def _foreign_record_fields(row: dict[str, Any], vector: np.ndarray, where: str) -> dict[str, Any]:
+    """The `ImageRecord` fields of a clip-retrieval metadata row. Its image is served when `image_path` names a
+    readable image file (hashed now, as the server checks it); otherwise the record keeps no path, and its
+    content hash is the embedding's, so identical embeddings are indexed once. `where`: its name otherwise."""
+    image_path = row.get("image_path") if isinstance(row.get("image_path"), str) else None
+    caption = row.get("caption") if isinstance(row.get("caption"), str) else None
+    metadata = {k: v for k, v in row.items() if k not in ("image_path", "caption") and v is not None}
+    found = _image_file(image_path) if image_path else None
+    if found is None:
+        digest = hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+        found = {
+            "path": "",
+            "length": 0,
+            "sha256": f"embedding:{digest}",
+            "media_type": "",
+            "width": 0,
+            "height": 0,
+        }
+    uri = image_path or (metadata["url"] if isinstance(metadata.get("url"), str) else where)
+    return {"uri": uri, "offset": None, "caption": caption, "metadata": metadata, **found}
+
+
+def _image_file(image_path: str) -> dict[str, Any] | None:
+    """Where and what the image file `image_path` is (resolved from the working directory), or None when it is
+    not a readable image: the server then serves nothing for it."""
+    from PIL import Image
+
+    from clipkit.data.images import is_image_file
+
+    path = Path(image_path).expanduser().resolve()
+    if not is_image_file(path):
+        return None
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            media_type = Image.MIME.get(image.format or "", "application/octet-stream")
+            width, height = image.size
+    except Exception:  # noqa: BLE001 (PIL raises many types for what it cannot read)
+        return None
+    return {"path": str(path), "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "media_type": media_type, "width": width, "height": height}  # fmt: skip
 
 
 def _check_index_options(kind: str, target_recall: float) -> None:

@@ -27,7 +27,9 @@ from clipkit.retrieval.parts import (
     FORMAT_NAME,
     FORMAT_VERSION,
     JOB_NAME,
+    METADATA_COLUMNS,
     finished_parts,
+    flatten_fields,
     part_summary,
     read_job,
     remove_staged_part,
@@ -147,11 +149,15 @@ def _embed_part(
 
 
 def _metadata_row(item: ImageItem, image) -> dict[str, Any]:
-    shard, key = (None, item.uri) if item.offset is None else item.uri.split("#", 1)
-    return {
+    """clipkit's columns, then the item's fields flattened as clip-retrieval's writer flattens KEY.json; a
+    field named like one of clipkit's columns (img2dataset's `key`, `width`, ...) stays in `metadata` only."""
+    in_shard = item.offset is not None
+    shard, key = item.uri.split("#", 1) if in_shard else (None, item.uri)
+    own = {
         "key": key,
         "shard": shard,
-        "image_path": item.path,
+        "shard_path": item.path if in_shard else None,
+        "image_path": None if in_shard else item.path,  # clip-retrieval opens it as an image: files only
         "offset": item.offset,
         "length": image.length,
         "sha256": image.sha256,
@@ -161,6 +167,8 @@ def _metadata_row(item: ImageItem, image) -> dict[str, Any]:
         "caption": item.caption,
         "metadata": json.dumps(item.metadata, ensure_ascii=False, default=str),
     }
+    fields = flatten_fields(item.metadata)
+    return {**{k: v for k, v in fields.items() if k not in METADATA_COLUMNS}, **own}
 
 
 def _check_resumable(out_dir: Path, job: dict[str, Any]) -> None:
@@ -176,6 +184,11 @@ def _check_resumable(out_dir: Path, job: dict[str, Any]) -> None:
             )
         return
     previous = read_job(out_dir).manifest
+    if previous["version"] != job["version"]:
+        raise ClipkitError(
+            f"{out_dir} holds parts in embeddings format version {previous['version']} (an older clipkit); this "
+            f"one writes version {job['version']}: choose a new --out (indexes still build from the old folder)"
+        )
     if previous["model"]["fingerprint"] != job["model"]["fingerprint"]:
         raise ClipkitError(
             f"{out_dir} holds embeddings of another model (fingerprint {previous['model']['fingerprint'][:12]}); "

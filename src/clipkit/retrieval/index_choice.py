@@ -179,17 +179,33 @@ def tune_search(
         steps = [s for s in steps if s < faiss.extract_index_ivf(index).nlist] + [
             faiss.extract_index_ivf(index).nlist
         ]
-    recall, value, tried = 0.0, None, []
-    for value in steps:
-        params = {} if name is None else {name: int(value)}
-        apply_search_params(index, kind, params)
+    tried = []
+
+    def measure(value) -> tuple[float, list[float]]:
+        apply_search_params(index, kind, {} if name is None else {name: int(value)})
         _, found = index.search(query_vectors, k + 1)
         recalls = [_recall(found[h], exact[h], held_out[h], k) for h in halves]
-        recall = min(recalls)
-        tried.append([value, round(float(recall), 4)])
+        tried.append([value, round(float(min(recalls)), 4)])
+        return min(recalls), recalls
+
+    recall, recalls, value, below = 0.0, [0.0, 0.0], None, None
+    for value in steps:
+        recall, recalls = measure(value)
         if recall >= target_recall:
             break
+        below = value
+    if name is not None and recall >= target_recall and below is not None:
+        # The ladder grows by half at each step: bisect between the last setting short of the target and the
+        # first that reaches it, to within 1/16 of the former, so the index runs at (about) the smallest one.
+        while value - below > max(1, below // 16):
+            middle = (below + value) // 2
+            found_recall, found_recalls = measure(middle)
+            if found_recall >= target_recall:
+                value, recall, recalls = middle, found_recall, found_recalls
+            else:
+                below = middle
     params = {} if name is None else {name: int(value)}
+    apply_search_params(index, kind, params)  # the latency below is at the setting the index will run at
     if recall < target_recall:
         log.warning(
             "a %s index reaches recall@%d %.3f at most (%s=%s), under the target %.3f; give more --max-memory "

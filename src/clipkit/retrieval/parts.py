@@ -11,6 +11,12 @@ orders it; images that cannot be read or decoded have no row and are listed in t
 metadata (`clipkit.skipped`). Part numbers are zero-padded so a lexical sort (which autofaiss's reader uses)
 is the numeric one. Each file is written under a temporary name and renamed, the parquet file before the
 .npy, so a part whose .npy exists is finished.
+
+The metadata columns are clip-retrieval's where it has one (`image_path`, `caption`, and the sample's
+KEY.json / table fields flattened into columns as `clip-retrieval inference --enable_metadata` writes them:
+`url`, `width`, ...), so its back end serves clipkit's embeddings; clipkit's own columns say where the
+bytes are. Version 1 folders (written before version 2) put a shard's path in `image_path` and the fields
+only in the `metadata` JSON; `read_part` gives rows of either, and `row_location` reads both.
 """
 
 from __future__ import annotations
@@ -30,18 +36,21 @@ from clipkit.retrieval.manifests import read_versioned_json
 
 JOB_NAME = "embeddings.json"
 FORMAT_NAME = "clipkit-embeddings"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: before the clip-retrieval columns (see the module docstring)
 SKIPPED_KEY = b"clipkit.skipped"
 TEMP_PREFIX = ".tmp-"
 _PART = re.compile(r"^img_emb_(\d+)\.npy$")
 
-# Metadata columns, in order. `key`: the webdataset key (shards) or the path as the collection names it;
-# `shard`: the shard as the collection names it (null for a file); `image_path`, `offset`, `length`: where the
-# bytes are (the shard or image file; offset null for a whole file); `metadata`: JSON of the table columns /
-# KEY.json / label that came with the image.
+# clipkit's metadata columns, in order, then the flattened fields. `key`: the webdataset key (shards) or the
+# path as the collection names it; `shard`: the shard as the collection names it (null for a file);
+# `image_path`: the image file (clip-retrieval's column; left out of a part of shard samples, whose bytes are
+# at `offset`, `length` in `shard_path`); `metadata`: JSON of all the fields (KEY.json / table columns /
+# label), lossless where the flattened columns are not (nested objects, lists, names clipkit's columns take).
 METADATA_COLUMNS = (
     "key",
     "shard",
+    "shard_path",
     "image_path",
     "offset",
     "length",
@@ -74,7 +83,6 @@ def write_part(
     out_dir: Path, part: int, vectors: np.ndarray, rows: list[dict[str, Any]], skipped: list[tuple[str, str]]
 ) -> None:
     """Write part `part`: `vectors` (n, D) and its n metadata `rows`; `skipped` is (uri, reason) per bad image."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if len(vectors) != len(rows):
@@ -82,7 +90,7 @@ def write_part(
     npy, parquet = embedding_file(out_dir, part), metadata_file(out_dir, part)
     npy.parent.mkdir(parents=True, exist_ok=True)
     parquet.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=_schema())
+    table = metadata_table(rows)
     table = table.replace_schema_metadata({SKIPPED_KEY: json.dumps(skipped).encode()})
     staged_parquet = parquet.with_name(f"{TEMP_PREFIX}{parquet.name}")
     staged_npy = npy.with_name(f"{TEMP_PREFIX}{npy.name}")
@@ -156,7 +164,11 @@ def read_job(out_dir: str | Path) -> EmbeddingsJob:
             f"{out_dir} holds no embeddings ({JOB_NAME} is missing); write them with `clipkit embed`"
         )
     manifest = read_versioned_json(
-        path, format_name=FORMAT_NAME, version=FORMAT_VERSION, kind="embeddings", fix="rerun `clipkit embed`"
+        path,
+        format_name=FORMAT_NAME,
+        version=READABLE_VERSIONS,
+        kind="embeddings",
+        fix="rerun `clipkit embed`",
     )
     return EmbeddingsJob(out_dir, manifest)
 
@@ -167,21 +179,119 @@ def write_job(out_dir: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(out_dir / JOB_NAME, json.dumps(manifest, indent=2) + "\n")
 
 
-def _schema():
+_FOREIGN_PART = re.compile(r"^img_emb_(\d+)\.npy$")
+
+
+def foreign_parts(emb_dir: Path) -> list[tuple[Path, Path]]:
+    """(img_emb_N.npy, metadata_N.parquet) pairs of a folder `clip-retrieval inference` wrote (no
+    embeddings.json; names padded to the job's own width, or not at all), in numeric order."""
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in (emb_dir / "img_emb").glob("img_emb_*.npy")
+        if (m := _FOREIGN_PART.match(p.name))
+    )
+    if not found:
+        raise ClipkitError(
+            f"{emb_dir}/img_emb holds no img_emb_N.npy files; give the folder clip-retrieval wrote"
+        )
+    pairs = []
+    for _, npy in found:
+        parquet = emb_dir / "metadata" / f"metadata_{npy.stem[len('img_emb_') :]}.parquet"
+        if not parquet.is_file():
+            raise ClipkitError(
+                f"{npy} has no {parquet.name} beside it in {emb_dir}/metadata; rerun that inference"
+            )
+        pairs.append((npy, parquet))
+    return pairs
+
+
+def read_foreign_part(npy: Path, parquet: Path, dim: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(vectors (n, D) float32 L2-normalised, n rows) of one clip-retrieval part; float16 is widened."""
+    import pyarrow.parquet as pq
+
+    vectors = np.load(npy, allow_pickle=False)  # a hostile file cannot run code through pickle
+    if vectors.ndim != 2 or vectors.dtype not in (np.float16, np.float32, np.float64):
+        raise ClipkitError(f"{npy} holds {vectors.dtype} {vectors.shape}, not (n, D) float embeddings")
+    if vectors.shape[1] != dim:
+        raise ClipkitError(
+            f"{npy} holds {vectors.shape[1]}-dimensional embeddings but the model has {dim}: name the model "
+            "the embeddings were made with in --model"
+        )
+    table = pq.read_table(parquet)
+    if len(table) != len(vectors):
+        raise ClipkitError(
+            f"{parquet} has {len(table)} rows but {npy} {len(vectors)} embeddings; rerun that part"
+        )
+    vectors = vectors.astype(np.float32)  # (n, D)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12), table.to_pylist()
+
+
+def row_location(row: dict[str, Any]) -> str:
+    """The file that holds a row's image bytes: its shard, else its image file (either layout version)."""
+    return row.get("shard_path") or row["image_path"]
+
+
+def flatten_fields(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested objects flattened to "a.b" names, as pandas.json_normalize (clip-retrieval's writer) does."""
+    flat: dict[str, Any] = {}
+    for name, value in fields.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def metadata_table(rows: list[dict[str, Any]]):
+    """A pyarrow table of metadata rows: clipkit's columns with fixed types, then each flattened field in
+    the type all its values share (bool, int64, float64, string), else as JSON text. `image_path` is left out
+    when no row names an image file (clip-retrieval's back end opens every non-empty one as an image)."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("shard", pa.string()),
-            ("image_path", pa.string()),
-            ("offset", pa.int64()),
-            ("length", pa.int64()),
-            ("sha256", pa.string()),
-            ("media_type", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("caption", pa.string()),
-            ("metadata", pa.string()),
-        ]
-    )
+    names = [n for n in METADATA_COLUMNS if any(n in row for row in rows)] if rows else list(METADATA_COLUMNS)
+    if rows and not any(row.get("image_path") for row in rows):
+        names.remove("image_path")
+    extra = sorted({n for row in rows for n in row} - set(METADATA_COLUMNS))
+    columns, fields = [], []
+    for name in [*names, *extra]:
+        values = [row.get(name) for row in rows]
+        if name == "image_path":
+            values = [v or "" for v in values]  # never null: clip-retrieval's back end would fail on None
+        kind = _fixed_type(name) or _common_type(values)
+        if kind is None:
+            kind, values = pa.string(), [None if v is None else json.dumps(v, default=str) for v in values]
+        columns.append(pa.array(values, type=kind))
+        fields.append(pa.field(name, kind))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _fixed_type(name: str):
+    """The pyarrow type of one of clipkit's columns; None for a flattened field."""
+    import pyarrow as pa
+
+    strings = ("key", "shard", "shard_path", "image_path", "sha256", "media_type", "caption", "metadata")
+    if name in strings:
+        return pa.string()
+    return {"offset": pa.int64(), "length": pa.int64(), "width": pa.int32(), "height": pa.int32()}.get(name)
+
+
+def _common_type(values: list[Any]):
+    """The pyarrow type every non-null value fits (bool, int64, float64, string); None: mixed or nested."""
+    import pyarrow as pa
+
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.string()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64() if all(_INT64[0] <= v <= _INT64[1] for v in values if v is not None) else None
+    if kinds <= {int, float}:
+        return pa.float64()
+    if kinds == {str}:
+        return pa.string()
+    return None

@@ -39,6 +39,7 @@ from clipkit.serve.guards import (
     decode_upload,
     key_cookie,
 )
+from clipkit.serve.knn_service import add_knn_service
 from clipkit.serve.limits import InFlightLimit, RequestDeadline, add_overload_handlers
 from clipkit.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from clipkit.serve.thumbnails import THUMBNAIL_SIZES, ByteBoundedCache, render_thumbnail
@@ -220,6 +221,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     app.state.served = served
     app.state.batchers = batchers
     app.state.model_thread = model_thread
+    app.state.decoders = decoders  # every upload decode (here and /knn-service) takes one of the same slots
 
     async def encode_upload(image: UploadFile, k: int | None) -> tuple[np.ndarray, list | None]:
         data = await image.read()
@@ -356,6 +358,7 @@ def create_app(index: RetrievalIndex, encoder: Encoder, config: ServeConfig | No
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    add_knn_service(app, encoder, config, index_name=index.index_dir.name)  # clip-retrieval's API
     for route_path, (file_name, media_type) in PAGE_FILES.items():
         app.add_api_route(
             route_path, _static_endpoint(file_name, media_type), methods=["GET"], include_in_schema=False
