@@ -51,7 +51,7 @@ def make_noisy_shards(digits: Path, out: Path, *, noise: float, seed: int) -> tu
     for k, i in enumerate(chosen):  # a cycle through the chosen: each gets the next one's caption
         caption_of[i] = chosen[(k + 1) % len(chosen)]
     records, true_keys = [], []
-    for i, (shard, sample) in enumerate(samples):
+    for i, (_, sample) in enumerate(samples):
         meta = json.loads(sample["json"])
         source_meta = json.loads(samples[caption_of[i]][1]["json"])
         if source_meta["label"] == meta["label"]:

@@ -279,6 +279,22 @@ def test_score_in_two_processes_gives_the_one_process_result(tmp_path, tiny):
 # -- clipkit filter ----------------------------------------------------------------------------------------
 
 
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_filter(capsys, *args: str) -> Result:
+    """`clipkit filter ARGS` through the command's entry point, in this process (a subprocess would spend
+    most of its time importing torch)."""
+    from clipkit.cli.main import main
+
+    capsys.readouterr()
+    code = main(["filter", *args])
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("scored")
@@ -288,15 +304,15 @@ def scored(tmp_path_factory, tiny):
     return root
 
 
-def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went(scored, tmp_path):
-    result = run_clipkit(
-        "filter",
+def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went(scored, tmp_path, capsys):
+    result = run_filter(
+        capsys,
         "--scores",
         str(scored / "scores"),
         "--top-fraction",
         "0.5",
-        "--max-caption-length",
-        "33",
+        "--min-caption-length",
+        "1",
         "--out",
         str(tmp_path / "keys.txt"),
     )
@@ -307,11 +323,11 @@ def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went
     ranked = sorted(
         range(len(names)), key=lambda i: (-(scores[i] if np.isfinite(scores[i]) else -np.inf), names[i])
     )
-    expected = [names[i] for i in sorted(ranked[:6]) if lengths[i] <= 33]
+    expected = [names[i] for i in sorted(ranked[:6]) if lengths[i] >= 1]
     assert (tmp_path / "keys.txt").read_text().splitlines() == expected
     summary = json.loads((tmp_path / "keys.txt.summary" / "summary.json").read_text())
     assert summary["kept"] == len(expected) and summary["samples"] == 12
-    assert summary["removed_by"]["caption_length > 33"] == sum(lengths > 33)
+    assert summary["removed_by"]["caption_length < 1"] == 1  # the sample without a caption
     assert sum(summary["removed_by"].values()) == 12 - len(expected)
     assert {p.name for p in (tmp_path / "keys.txt.summary").iterdir()} == {
         "summary.json",
@@ -325,22 +341,22 @@ def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went
     [
         (["--min", "aesthetic=5"], "names column 'aesthetic', which the scores do not have"),
         (["--min-score", "2"], "keeps none of the 12 samples"),
-        (["--model", "tiny"], "was scored by another model"),
+        (["--model", "tiny", "--top-fraction", "0.5"], "was scored by another model"),
     ],
     ids=["missing-column", "keeps-nothing", "other-model"],
 )
-def test_bad_rules_stop_with_one_line_and_write_nothing(scored, tmp_path, arguments, message):
+def test_bad_rules_stop_with_one_line_and_write_nothing(scored, tmp_path, capsys, arguments, message):
     for output in (["--out", str(tmp_path / "keys.txt")], ["--reshard", str(tmp_path / "shards")]):
-        result = run_clipkit("filter", "--scores", str(scored / "scores"), *arguments, *output)
+        result = run_filter(capsys, "--scores", str(scored / "scores"), *arguments, *output)
         assert result.returncode == 2
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not list(tmp_path.iterdir())
 
 
-def test_reshard_gives_the_same_training_samples_as_the_key_list(scored, tmp_path):
-    common = ["filter", "--scores", str(scored / "scores"), "--top-fraction", "0.6"]
-    assert run_clipkit(*common, "--out", str(tmp_path / "keys.txt")).returncode == 0
-    result = run_clipkit(*common, "--reshard", str(tmp_path / "curated"), "--samples-per-shard", "4")
+def test_reshard_gives_the_same_training_samples_as_the_key_list(scored, tmp_path, capsys):
+    common = ["--scores", str(scored / "scores"), "--top-fraction", "0.6"]
+    assert run_filter(capsys, *common, "--out", str(tmp_path / "keys.txt")).returncode == 0
+    result = run_filter(capsys, *common, "--reshard", str(tmp_path / "curated"), "--samples-per-shard", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads((tmp_path / "curated" / "_info.json").read_text())
     assert info["samples"] == 8 and sum(info["shards"].values()) == 8 and len(info["shards"]) == 2
@@ -364,9 +380,9 @@ def test_reshard_gives_the_same_training_samples_as_the_key_list(scored, tmp_pat
     assert "n" in meta  # KEY.json carried over
 
 
-def test_keys_and_groups_in_filter_output_name_samples_as_key_lists_do(scored, tmp_path):
-    result = run_clipkit(
-        "filter", "--scores", str(scored / "scores"), "--dedup", "0.9999", "--out", str(tmp_path / "k.txt")
+def test_keys_and_groups_in_filter_output_name_samples_as_key_lists_do(scored, tmp_path, capsys):
+    result = run_filter(
+        capsys, "--scores", str(scored / "scores"), "--dedup", "0.9999", "--out", str(tmp_path / "k.txt")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = (tmp_path / "k.txt").read_text().splitlines()
