@@ -49,7 +49,7 @@ def test_readme_curation_commands_run_as_typed(tmp_path, digits_run):
     kept = (tmp_path / "digits-keep.txt").read_text().splitlines()
     summary = json.loads((tmp_path / "digits-keep.txt.summary" / "summary.json").read_text())
     assert len(kept) == summary["kept"] and summary["samples"] == 1258
-    assert 1258 // 2 - 200 < len(kept) <= 629  # the top half, less the near-duplicates among it
+    assert len(kept) == 629  # the top half of 1,258
     assert (tmp_path / "digits-keep.txt.summary" / "scores.png").is_file()
 
     run_dir = tmp_path / "runs" / "quickstart-curated"

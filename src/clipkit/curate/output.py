@@ -180,7 +180,7 @@ def _image_grid(collection: ScoredCollection, rows: Sequence[tuple[str, Sequence
             except OSError:
                 pass
             caption = str(columns["caption"][i] or "")[:28]
-            ax.set_title(f"{columns['clip_score'][i]:.3f}\n{caption}", fontsize=7)
+            ax.set_title(f"{columns['clip_score'][i]:.4f}\n{caption}", fontsize=7)
         axes[r][0].text(
             -0.1, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=8
         )
