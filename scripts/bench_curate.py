@@ -99,6 +99,7 @@ def train(work: Path, name: str, seed: int, args, noisy: Path, keep_keys: Path |
         f"train.seed={seed}", "train.eval_every=0", "train.checkpoint_every=100000", "train.log_every=100",
         f"output_dir={run_dir}", f"data.generate.dir={work / 'digits'}", f"data.train_shards={noisy}",
         "data.val_shards=null", f"data.workers={args.workers}", f"data.batch_size={args.batch_size}",
+        f"optim.warmup_steps={args.warmup}",
     ]  # fmt: skip
     if keep_keys is not None:
         argv.append(f"data.keep_keys={keep_keys}")
@@ -137,7 +138,8 @@ def main() -> None:
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.6], help="--top-fraction values")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20, help="optim.warmup_steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="data workers per training run")
     parser.add_argument("--out", help="also write the JSON report here")
@@ -205,6 +207,7 @@ def experiment(work: Path, args) -> dict:
         "true_captions": len(true_keys),
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "warmup_steps": args.warmup,
         "seeds": args.seeds,
         "table": table,
         "score_s_per_1000": statistics.median(t["score_s"] for t in timings) * per_thousand,

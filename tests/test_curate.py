@@ -243,6 +243,7 @@ def test_score_resumes_only_the_parts_that_are_missing(tmp_path, tiny):
     np.testing.assert_array_equal(first.columns["clip_score"], again.columns["clip_score"])
 
 
+@pytest.mark.slow  # three processes importing torch
 def test_score_in_two_processes_gives_the_one_process_result(tmp_path, tiny):
     caption_shards(tmp_path / "shards")
     one = run_clipkit(
