@@ -137,10 +137,10 @@ def main() -> None:
         "--noise", type=float, default=0.4, help="fraction of captions swapped (default: 0.4)"
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.6], help="--top-fraction values")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=20, help="optim.warmup_steps")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="data workers per training run")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args()
