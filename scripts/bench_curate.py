@@ -103,10 +103,11 @@ def train(work: Path, name: str, seed: int, args, noisy: Path, keep_keys: Path |
     ]  # fmt: skip
     if keep_keys is not None:
         argv.append(f"data.keep_keys={keep_keys}")
-    seconds = run(argv, work / "log.txt")
-    final = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
+    metrics = run_dir / "metrics.jsonl"
+    # A run an earlier invocation with the same --work finished is reused: the experiment resumes.
+    done = metrics.is_file() and f'"step": {args.steps}, "zeroshot/acc1"' in metrics.read_text()
+    seconds = 0.0 if done else run(argv, work / "log.txt")
+    final = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     accuracy = next(r["zeroshot/acc1"] for r in reversed(final) if "zeroshot/acc1" in r)
     print(f"{name} seed {seed}: {accuracy:.4f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return {

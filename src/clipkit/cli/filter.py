@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dedup", type=float, metavar="THRESHOLD", help="remove near-duplicates at this cosine (e.g. 0.95)"
     )
+    parser.add_argument(
+        "--dedup-center",
+        action="store_true",
+        help="compare embeddings less their mean (for a model whose embeddings all sit in a narrow cone)",
+    )
     parser.add_argument("--min-caption-length", type=float, help="fewest caption characters kept")
     parser.add_argument("--max-caption-length", type=float, help="most caption characters kept")
     parser.add_argument(
@@ -79,7 +84,9 @@ def rule_from_args(args: argparse.Namespace):
         bounds.append(Bound("caption_length", False, args.max_caption_length))
     bounds += [Bound(column, True, value) for column, value in args.min]
     bounds += [Bound(column, False, value) for column, value in args.max]
-    return Rule(bounds=bounds, top_fraction=args.top_fraction, dedup=args.dedup)
+    return Rule(
+        bounds=bounds, top_fraction=args.top_fraction, dedup=args.dedup, dedup_center=args.dedup_center
+    )
 
 
 def check_model(scores_model: dict, model: str, pretrained: str | None, where: str) -> None:

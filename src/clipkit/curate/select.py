@@ -40,6 +40,7 @@ class Rule:
     bounds: list[Bound] = field(default_factory=list)
     top_fraction: float | None = None
     dedup: float | None = None
+    dedup_center: bool = False  # compare embeddings less the collection's mean (`dedup.centered`)
     score_column: str = SCORE_COLUMN
 
     def columns(self) -> list[str]:
@@ -123,7 +124,7 @@ def select(collection: ScoredCollection, rule: Rule) -> Selection:
     groups: list[list[int]] = []
     if rule.dedup is not None:
         survivors = np.flatnonzero(kept)
-        local = duplicate_groups(collection.image_vectors[survivors], rule.dedup)
+        local = duplicate_groups(collection.image_vectors[survivors], rule.dedup, center=rule.dedup_center)
         groups = [[int(survivors[i]) for i in group] for group in local]
         reason = f"near-duplicate (cosine >= {rule.dedup:g}) of a kept sample"
         for group in groups:
