@@ -30,6 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
     "embed": ("clipkit.cli.embed", "embed a collection into clip-retrieval's layout (also under accelerate launch)"),
+    "score": (
+        "clipkit.cli.score",
+        "score a collection for curation: embeddings, CLIP score, caption length, image size",
+    ),
+    "filter": ("clipkit.cli.filter", "keep a scored collection's best samples: a key list or new shards"),
     "serve": ("clipkit.cli.serve", "serve a search index over HTTP (API, search page, metrics)"),
     "merge": ("clipkit.cli.merge", "interpolate two models in weight space (WiSE-FT)"),
 }

@@ -36,6 +36,9 @@ class DataConfig:
     resampled: bool = False
     # Samples held for shuffling in each worker; 0 keeps the shard order (shards are still shuffled).
     shuffle_buffer: int = 1000
+    # A key list (`clipkit filter --out FILE`, one SHARD#KEY a line): only those samples of train_shards are
+    # read, the others skipped before decoding; null reads every sample.
+    keep_keys: str | None = None
     # A directory in the zero-shot layout (test/, classnames.txt, templates) evaluated during training.
     zeroshot_dataset: str | None = None
     # Training-time image augmentation, open_clip's `aug_cfg` keys (AugmentationCfg): scale, ratio,

@@ -37,6 +37,7 @@ from webdataset.filters import shuffle as shuffle_stage
 
 from clipkit.data.config import DataConfig
 from clipkit.data.images import decode_sample_image
+from clipkit.data.keys import KeepKeys, check_keep_keys, read_keep_keys
 from clipkit.data.seeds import stable_seed
 from clipkit.data.shards import caption_of, iter_shard_samples
 from clipkit.errors import ClipkitError
@@ -98,6 +99,7 @@ class _SourceReader:
         shuffle_buffer: int,
         position: dict[str, int],
         on_shard_error: Callable[[str, str | None, str], None],
+        keep_keys: KeepKeys | None = None,
     ):
         self.urls = urls
         self.shard_index = {url: i for i, url in enumerate(urls)}
@@ -110,6 +112,7 @@ class _SourceReader:
         self.shuffle_buffer = shuffle_buffer
         self.position = dict(position)
         self.on_shard_error = on_shard_error
+        self.keep_keys = keep_keys
 
     def epoch_plan(self, epoch: int) -> tuple[list[str], Callable[[int], bool] | None]:
         """This reader's shards for `epoch`, and which of their samples (by index) it keeps."""
@@ -127,11 +130,15 @@ class _SourceReader:
 
     def epoch_samples(self, epoch: int) -> Iterator[dict[str, Any]]:
         shards, keep = self.epoch_plan(epoch)
+        listed = self.keep_keys
 
         def raw() -> Iterator[dict[str, Any]]:
             index = 0
             for url in shards:
                 for sample in iter_shard_samples(url, self.on_shard_error):
+                    # Off the key list: dropped undecoded, and before the block split so readers stay balanced.
+                    if listed is not None and not listed.keeps(url, sample["__key__"]):
+                        continue
                     if keep is None or keep(index):
                         yield sample
                     index += 1
@@ -217,8 +224,10 @@ class _BatchProducer(torch.utils.data.IterableDataset):
         reader_states: list[dict[str, Any]],
         first_worker: int,
         logged: set[tuple[str, str | None]],
+        keep_keys: KeepKeys | None = None,
     ):
         super().__init__()
+        self.keep_keys = keep_keys
         self.logged = logged  # problems already logged (kept across iterations when reading in-process)
         self.sources = sources
         self.weights = weights
@@ -269,6 +278,7 @@ class _BatchProducer(torch.utils.data.IterableDataset):
                 shuffle_buffer=self.shuffle_buffer,
                 position=state["sources"][index],
                 on_shard_error=report,
+                keep_keys=self.keep_keys,
             )
             for index, urls in enumerate(self.sources)
         ]
@@ -343,6 +353,10 @@ class TrainStream:
         self.world_size = world_size
         self.seed = seed
         self.pin_memory = pin_memory
+        self.keep_keys = None
+        if cfg.keep_keys:
+            self.keep_keys = read_keep_keys(cfg.keep_keys)
+            check_keep_keys(self.keep_keys, [url for source in cfg.train_sources for url in source])
         self.num_workers = max(1, cfg.workers)  # workers=0 reads like one worker, in this process
         self._reader_states = [initial_reader_state(len(cfg.train_sources)) for _ in range(self.num_workers)]
         self._batches = 0
@@ -367,6 +381,7 @@ class TrainStream:
             reader_states=copy.deepcopy(self._reader_states),
             first_worker=self._batches % self.num_workers,
             logged=self._logged,
+            keep_keys=self.keep_keys,
         )
         if cfg.workers == 0:
             batches = iter(producer)
@@ -394,6 +409,8 @@ class TrainStream:
             cfg.shuffle_buffer,
             cfg.batch_size,
             self.seed,
+            # The list's content, not its path: a resume reads the same samples only with the same list.
+            *([self.keep_keys.digest] if self.keep_keys is not None else []),
         )
         return hashlib.blake2b(repr(described).encode("utf-8"), digest_size=8).hexdigest()
 
