@@ -69,7 +69,7 @@ def write_reshard(
                 key=str(columns["key"][i]),
                 caption=str(columns["caption"][i] or ""),
                 meta={k: v for k, v in meta.items() if k not in ("key", "caption")},
-                payload=(str(columns["image_path"][i]), offset, int(columns["length"][i])),
+                payload=(_location(columns, i), offset, int(columns["length"][i])),
             )
         )
     result = write_split(
@@ -175,7 +175,7 @@ def _image_grid(collection: ScoredCollection, rows: Sequence[tuple[str, Sequence
             i = members[c]
             offset = None if not np.isfinite(columns["offset"][i]) else int(columns["offset"][i])
             try:
-                data = read_item_bytes(str(columns["image_path"][i]), offset, int(columns["length"][i]))
+                data = read_item_bytes(_location(columns, i), offset, int(columns["length"][i]))
                 ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
             except OSError:
                 pass
@@ -186,3 +186,16 @@ def _image_grid(collection: ScoredCollection, rows: Sequence[tuple[str, Sequence
         )
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _location(columns, i: int) -> str:
+    """The file holding sample i's bytes: its shard (`shard_path`, embeddings format 2), else its image file
+    (`image_path`: an image file, or a shard in format-1 embeddings); as retrieval.parts.row_location reads it."""
+    for name in ("shard_path", "image_path"):
+        if (
+            name in columns
+            and columns[name][i] is not None
+            and str(columns[name][i]) not in ("", "nan", "None")
+        ):
+            return str(columns[name][i])
+    raise KeyError(f"sample {i} names no file (neither shard_path nor image_path)")

@@ -192,7 +192,9 @@ def read_scores(out_dir: str | Path) -> ScoredCollection:
             metadata = metadata.append_column(name, scores.column(name))
         tables.append(metadata)
         vectors.append(np.load(out_dir / "img_emb" / f"img_emb_{part:04d}.npy"))
-    table = pa.concat_tables(tables)
+    # Parts may differ in their columns (embed writes a metadata field's column only where a part has it,
+    # typed by that part's values): missing columns become nulls, differing types are unified.
+    table = pa.concat_tables(tables, promote_options="permissive")
     columns = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
     for name in table.column_names:
         if pa.types.is_integer(table.schema.field(name).type) or pa.types.is_floating(
