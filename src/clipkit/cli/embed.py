@@ -43,17 +43,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipkit.retrieval.embed_job import embed_collection
+
+    state, report = run_collection_job(args, embed_collection)
+    if state.is_main_process:
+        skipped = describe_skipped(report.skipped, listed_in=f"{report.out_dir}/embeddings.json")
+        print(
+            f"{report.out_dir}: {report.images} images embedded in {report.parts} part(s)"
+            f"{skipped}; this process did {report.parts_done_here} part(s) at "
+            f"{report.images_per_second:.1f} images/s; index them with: "
+            f"clipkit index build --from-embeddings {report.out_dir} --out INDEX_DIR"
+        )
+    return 0
+
+
+def run_collection_job(args: argparse.Namespace, collect):
+    """Load `--model` on this process's device and run `collect` (embed_collection or one built on it, e.g.
+    curate's score_collection) over `--images` into `--out` as this process's share; (state, report)."""
     import logging
     import sys
 
+    import torch
     from accelerate import PartialState
 
     from clipkit.retrieval import load_encoder
-    from clipkit.retrieval.embed_job import embed_collection
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    import torch
-
     # One process without a launcher; rank and world size under one. Without cpu=True, Accelerate under
     # torchrun on a GPU-less machine reports one process.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -61,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     encoder, identity = load_encoder(
         args.model, pretrained=args.pretrained, device=device, precision=args.precision
     )
-    report = embed_collection(
+    report = collect(
         args.images,
         args.out,
         encoder=encoder,
@@ -76,12 +91,4 @@ def run(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    if state.is_main_process:
-        skipped = describe_skipped(report.skipped, listed_in=f"{report.out_dir}/embeddings.json")
-        print(
-            f"{report.out_dir}: {report.images} images embedded in {report.parts} part(s)"
-            f"{skipped}; this process did {report.parts_done_here} part(s) at "
-            f"{report.images_per_second:.1f} images/s; index them with: "
-            f"clipkit index build --from-embeddings {report.out_dir} --out INDEX_DIR"
-        )
-    return 0
+    return state, report

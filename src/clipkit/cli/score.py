@@ -17,37 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-    import sys
-
-    import torch
-    from accelerate import PartialState
-
+    from clipkit.cli.embed import run_collection_job
     from clipkit.cli.index import describe_skipped
     from clipkit.curate.score import score_collection
-    from clipkit.retrieval import load_encoder
 
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    state = PartialState(cpu=not torch.cuda.is_available())  # as `clipkit embed`
-    device = args.device or str(state.device)
-    encoder, identity = load_encoder(
-        args.model, pretrained=args.pretrained, device=device, precision=args.precision
-    )
-    report = score_collection(
-        args.images,
-        args.out,
-        encoder=encoder,
-        identity=identity,
-        rank=state.process_index,
-        world_size=state.num_processes,
-        barrier=state.wait_for_everyone,
-        part_size=args.part_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    state, report = run_collection_job(args, score_collection)  # as `clipkit embed`, plus the scores
     if state.is_main_process:
         embedded = report.embedded
         skipped = describe_skipped(embedded.skipped, listed_in=f"{embedded.out_dir}/embeddings.json")
