@@ -20,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from clipkit.configs import config_dir
 from clipkit.train import Trainer, loop
+from clipkit.train.schema import compose_config
 
 # The launch environment of `accelerate launch --config_file conf/accelerate/cpu-fsdp.yaml`.
 FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
@@ -80,8 +78,7 @@ def main() -> None:
             *row["extra"],
             f"output_dir={out / row['name']}",
         ]
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        cfg = compose_config(*overrides)
         started = time.perf_counter()
         trainer = Trainer(cfg, launch_env={**os.environ, **launch_extra})
         try:
