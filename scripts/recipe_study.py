@@ -1,0 +1,207 @@
+"""The recipe study of docs/RECIPES.md: today's defaults, each knob alone and the small-batch recipes, CLIP and
+SigLIP, on unsaturated real and generated datasets, over several seeds, at a fixed budget (and a multiple).
+
+Every run is `python -m clipkit.train` in a subprocess, as a user types it: the tiny model at 32 px, batch 64,
+600 optimizer steps (`--budget 4`: 2,400), evaluated zero-shot on the dataset's held-out split at the end.
+A run already finished in --work (its metrics.jsonl has the final step's accuracy) is read, not repeated, so
+the study can be stopped and continued, or extended with more seeds.
+
+    nice -n 10 python scripts/recipe_study.py --out recipe_study.json                 # the 1x table
+    nice -n 10 python scripts/recipe_study.py --budget 4 --variants core --out x4.json  # the 4x table
+    python scripts/recipe_study.py --list                                              # what would run
+
+The JSON report has every run (dataset, variant, seed, accuracy, seconds) and, per dataset and variant, the
+mean, sample standard deviation, min, max and spread (max - min) of the zero-shot top-1 over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _report import write_report
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The fixed budget: the tiny model at 32 px, 600 steps x batch 64 on one process, evaluated at the end only.
+BUDGET = ("model=tiny", "data.batch_size=64", "train.steps=600", "train.eval_every=0", "train.log_every=100",
+          "train.checkpoint_every=100000", "train.keep_checkpoints=1")  # fmt: skip
+
+# Datasets that today's defaults do not saturate at the budget (docs/RECIPES.md says why each is unsaturated).
+DATASETS = {
+    # The real 8x8 scans with 20% of them (~360, 36 a class) to train on: 30 epochs at the budget, so the
+    # model overfits what it sees; the other 80% (1,437 scans) are the zero-shot test.
+    "digits-20pct": ("data=digits", "data.generate.test_fraction=0.8"),
+    # Generated shapes at 32 px, 2,000 training images (20 colour x shape classes, small ones only ~10 px):
+    # colour and shape must both be read from few pixels, with captions that also name size and position.
+    "shapes-2k": ("data=synthetic", "data.generate.image_size=32", "data.generate.train_samples=2000",
+                  "data.generate.test_samples=1000"),  # fmt: skip
+}
+
+# Today's defaults: every key at its clipkit default except the budget (lr 5e-4, wd 0.2, 100 warmup steps,
+# cosine, CLIP temperature 0.07, SigLIP scale 10 and bias -10, open_clip's crop scale (0.9, 1)).
+DEFAULT = {"clip": ("loss=clip",), "siglip": ("loss=siglip",)}
+RECIPE = {"clip": ("experiment=scratch-clip-small",), "siglip": ("experiment=scratch-siglip-small",)}
+# One knob at a time on top of today's default (what each contributes to the recipe).
+KNOBS = {
+    "lr1e-3-wd0.1": ("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup_steps=50"),
+    "lr2e-3": ("optim.lr=2e-3",),
+    "warmup10pct": ("optim.warmup_fraction=0.1",),
+    "const-cooldown": ("optim.schedule=constant_cooldown",),
+    "aug-light": ("data.augmentation=light",),
+    "aug-strong": ("data.augmentation=strong",),
+    "aug-none": ("data.augmentation=none",),
+    "ema": ("train.ema_decay=0.995",),
+    "patch-dropout-0.5": ("+model.vision_cfg.patch_dropout=0.5",),
+    "label-smoothing-0.1": ("loss.label_smoothing=0.1",),
+    "bias-auto": ("loss.init_logit_bias=auto",),
+    "templates": ("data.caption_templates=[\"a photo of {}\",\"{}\",\"an image of {}\"]",),
+}
+KNOBS_FOR = {  # knobs that exist for one loss only
+    "label-smoothing-0.1": {"clip"},
+    "bias-auto": {"siglip"},
+}
+
+
+def variants(selection: str) -> dict[str, tuple[str, ...]]:
+    """name -> overrides. `core`: default and recipe for both losses, and the recipe at half the steps;
+    `knobs`: `core` plus each knob alone on today's default; or a comma-separated list of names."""
+    table: dict[str, tuple[str, ...]] = {}
+    for loss in ("clip", "siglip"):
+        table[f"{loss}-default"] = DEFAULT[loss]
+        table[f"{loss}-recipe"] = RECIPE[loss]
+        table[f"{loss}-recipe-half"] = RECIPE[loss] + ("train.steps=300",)
+    if selection == "core":
+        return table
+    for loss, (knob, overrides) in itertools.product(("clip", "siglip"), KNOBS.items()):
+        if loss in KNOBS_FOR.get(knob, {loss}):
+            table[f"{loss}+{knob}"] = DEFAULT[loss] + overrides
+    if selection == "knobs":
+        return table
+    names = selection.split(",")
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        sys.exit(f"recipe_study: unknown variant(s) {unknown}; known: {sorted(table)}")
+    return {name: table[name] for name in names}
+
+
+def final_accuracy(run_dir: Path, steps: int) -> float | None:
+    """The zero-shot top-1 logged at step `steps`, or None when the run has not finished."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    for line in reversed(metrics.read_text().splitlines()):
+        record = json.loads(line)
+        if record.get("step") == steps and "zeroshot/acc1" in record:
+            return float(record["zeroshot/acc1"])
+    return None
+
+
+def steps_of(overrides: tuple[str, ...]) -> int:
+    """The last train.steps= in the overrides (the run's length)."""
+    return int([o for o in overrides if o.startswith("train.steps=")][-1].split("=", 1)[1])
+
+
+def run_one(job: dict, *, threads: int) -> dict:
+    run_dir = Path(job["output_dir"])
+    steps = steps_of(job["overrides"])
+    accuracy = final_accuracy(run_dir, steps)
+    seconds = None
+    if accuracy is None:
+        started = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+        command = [sys.executable, "-m", "clipkit.train", *job["overrides"], f"output_dir={run_dir}"]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"recipe_study: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        accuracy = final_accuracy(run_dir, steps)
+        if accuracy is None:
+            raise SystemExit(f"recipe_study: {run_dir}/metrics.jsonl has no zeroshot/acc1 at step {steps}")
+        print(f"{job['dataset']} {job['variant']} seed {job['seed']}: {accuracy:.4f} ({seconds:.0f} s)", flush=True)
+    return {**job, "accuracy": accuracy, "seconds": seconds}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for (dataset, variant), group in itertools.groupby(
+        sorted(runs, key=lambda r: (r["dataset"], r["variant"])), key=lambda r: (r["dataset"], r["variant"])
+    ):
+        accuracies = [r["accuracy"] for r in group]
+        rows.append({
+            "dataset": dataset, "variant": variant, "seeds": len(accuracies),
+            "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "min": min(accuracies), "max": max(accuracies), "spread": max(accuracies) - min(accuracies),
+        })  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| dataset | variant | seeds | top-1 mean | std | min - max |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        std = "" if r["std"] is None else f"{100 * r['std']:.1f}"
+        lines.append(
+            f"| {r['dataset']} | {r['variant']} | {r['seeds']} | {100 * r['mean']:.1f} | {std} | "
+            f"{100 * r['min']:.1f} - {100 * r['max']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}")
+    parser.add_argument("--variants", default="knobs", help="core | knobs | comma-separated variant names")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=1, help="multiply the steps by this (warmup stays as configured)")
+    parser.add_argument("--work", default="runs/recipe-study", help="run directories (kept: the study resumes)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on cores/jobs threads)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
+    parser.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    datasets = {name: DATASETS[name] for name in args.datasets.split(",")}
+    jobs = []
+    for (dataset, data_overrides), (variant, overrides), seed in itertools.product(
+        datasets.items(), variants(args.variants).items(), range(args.seeds)
+    ):
+        data_dir = Path(args.work).resolve() / "data" / dataset  # generated once, shared by every run
+        run_overrides = (*BUDGET, *data_overrides, f"data.generate.dir={data_dir}", *overrides, f"train.seed={seed}")
+        if args.budget != 1:
+            run_overrides += (f"train.steps={steps_of(run_overrides) * args.budget}",)
+        name = f"x{args.budget}/{dataset}/{variant}/seed{seed}"
+        jobs.append({"dataset": dataset, "variant": variant, "seed": seed, "budget": args.budget,
+                     "overrides": run_overrides, "output_dir": str(Path(args.work) / name)})  # fmt: skip
+    if args.list:
+        for job in jobs:
+            print(job["output_dir"], " ".join(job["overrides"]))
+        return
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda job: run_one(job, threads=threads), jobs))
+    rows = summarise(runs)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "budget": list(BUDGET), "budget_multiplier": args.budget, "datasets": {k: list(v) for k, v in datasets.items()},
+        "seconds": time.perf_counter() - started, "summary": rows, "runs": runs,
+    }  # fmt: skip
+    print(write_report(report, args.out))
+    if args.markdown:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
