@@ -29,10 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
-    "embed": (
-        "clipkit.cli.embed",
-        "embed a collection into clip-retrieval's layout (also under accelerate launch)",
-    ),
+    "embed": ("clipkit.cli.embed", "embed a collection into clip-retrieval's layout (also under accelerate launch)"),
     "score": (
         "clipkit.cli.score",
         "score a collection for curation: embeddings, CLIP score, caption length, image size",
