@@ -168,6 +168,8 @@ def worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
                     ("bfloat16", (image_bf16, text_bf16)),
                 ]
             }
+        smoothed = ClipLoss(init_logit_scale=0.0, label_smoothing=0.2)
+        results["clip_smoothed"] = leaf_grads(smoothed, local["image_features"], local["text_features"])
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -243,6 +245,23 @@ def test_processes_equal_one_process_on_the_concatenated_batch(world_size, ranks
         batch["text_features"][:LOCAL_BATCH],
     )
     assert [r["siglip_saved_bytes"] for r in ranks] == [siglip_w1] * world_size
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_label_smoothing_is_exact_across_processes(world_size, ranks):
+    # Each rank's rows hold all W*b logits, so the smoothed target spreads over the global row.
+    batch = global_batch(world_size)
+    single = ClipLoss(init_logit_scale=0.0, label_smoothing=0.2)
+    expected = leaf_grads(single, batch["image_features"], batch["text_features"])
+    per_rank = [r["clip_smoothed"] for r in ranks]
+    close(torch.stack([r["loss"] for r in per_rank]).mean(), expected["loss"])
+    unsmoothed = leaf_grads(ClipLoss(init_logit_scale=0.0), batch["image_features"], batch["text_features"])
+    assert abs(float(expected["loss"] - unsmoothed["loss"])) > 1e-3  # the smoothing is in effect
+    for rank, result in enumerate(per_rank):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        close(result["image"], world_size * expected["image"][rows])
+        close(result["text"], world_size * expected["text"][rows])
+    close(torch.stack([r["scale"] for r in per_rank]).mean(), expected["scale"])
 
 
 def within_one_bf16_rounding(actual: torch.Tensor, exact: torch.Tensor) -> None:

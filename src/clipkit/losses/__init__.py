@@ -4,7 +4,7 @@
 math lives in the pure functions beside them. Nothing here imports Accelerate or Hydra.
 """
 
-from clipkit.losses.base import ContrastiveLoss
+from clipkit.losses.base import ContrastiveLoss, auto_init_logit_bias
 from clipkit.losses.clip import ClipLoss, clip_loss_local
 from clipkit.losses.siglip import (
     SigLipLoss,
@@ -19,6 +19,7 @@ __all__ = [
     "SigLipLoss",
     "clip_loss_local",
     "accumulate_siglip_chunk_grads",
+    "auto_init_logit_bias",
     "siglip_chunk_loss",
     "siglip_loss_ring",
 ]

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from clipkit.errors import ClipkitError
 from clipkit.losses.distributed import ProcessGroup, process_layout
+
+AUTO = "auto"  # init_logit_bias resolved from the global contrastive batch
+
+
+def auto_init_logit_bias(global_batch: int) -> float:
+    """SigLIP's logit bias start for a global contrastive batch of N pairs: -log(N).
+
+    With the logits near zero at the start, a bias of -log N makes sigmoid(bias) ~ 1/N, the share of
+    positives in a row, so the N - 1 negatives do not swamp the one positive (the paper's -10 suits
+    N ~ 32k; at N = 64 it starts far off, cf. open_clip #650).
+    """
+    if global_batch < 1:
+        raise ClipkitError(f"global_batch={global_batch} must be at least 1 to derive init_logit_bias=auto")
+    return -math.log(global_batch)
 
 
 class ContrastiveLoss(torch.nn.Module):
@@ -17,6 +33,13 @@ class ContrastiveLoss(torch.nn.Module):
     losses, it needs no arguments: unset, the start values are the loss family's published ones
     (`DEFAULT_INIT_LOGIT_SCALE`, `DEFAULT_INIT_LOGIT_BIAS`) and the scale is not clamped.
 
+    `label_smoothing` (softmax losses only: CLIP) spreads that share of each row's target evenly over its
+    logits, as torch's `cross_entropy(label_smoothing=)`.
+
+    `init_logit_bias="auto"` (losses whose value depends on a bias: SigLIP) is `auto_init_logit_bias` of
+    `global_batch`, the pairs one loss call sees over all processes and accumulated micro-batches (the
+    trainer passes it; `global_batch` is used for nothing else).
+
     `rank` / `world_size` / `group` place this process among the data-parallel processes; unset, they
     are read from torch.distributed at each call (0 and 1 when it is not initialised).
     """
@@ -24,19 +47,27 @@ class ContrastiveLoss(torch.nn.Module):
     # The start the loss family was published with; subclasses set their own.
     DEFAULT_INIT_LOGIT_SCALE: float = 0.0
     DEFAULT_INIT_LOGIT_BIAS: float | None = None
+    # Whether init_logit_bias=auto means anything: softmax ignores a constant shift of a row's logits.
+    ACCEPTS_AUTO_LOGIT_BIAS: bool = False
+    # Whether label_smoothing means anything: it smooths a softmax's target over its row.
+    ACCEPTS_LABEL_SMOOTHING: bool = False
 
     def __init__(
         self,
         *,
         init_logit_scale: float | None = None,
-        init_logit_bias: float | None = None,
+        init_logit_bias: float | str | None = None,
         max_logit_scale: float | None = None,
+        global_batch: int | None = None,
+        label_smoothing: float = 0.0,
         rank: int | None = None,
         world_size: int | None = None,
         group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if isinstance(init_logit_bias, str):
+            init_logit_bias = self._auto_logit_bias(init_logit_bias, global_batch)
         if init_logit_scale is None:
             init_logit_scale = self.DEFAULT_INIT_LOGIT_SCALE
             init_logit_bias = self.DEFAULT_INIT_LOGIT_BIAS if init_logit_bias is None else init_logit_bias
@@ -45,6 +76,13 @@ class ContrastiveLoss(torch.nn.Module):
                 f"{name}: init_logit_scale={init_logit_scale} exceeds max_logit_scale={max_logit_scale} "
                 "(both are logs of the scale): lower loss.init_logit_scale or raise loss.max_logit_scale"
             )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ClipkitError(f"{name}: label_smoothing={label_smoothing} must be in [0, 1), e.g. 0.1")
+        if label_smoothing and not self.ACCEPTS_LABEL_SMOOTHING:
+            raise ClipkitError(
+                f"{name}: label_smoothing={label_smoothing} is for the softmax loss: use loss=clip or set "
+                "loss.label_smoothing=0"
+            )
         if world_size is not None and world_size < 1:
             raise ClipkitError(f"{name}: world_size={world_size} must be at least 1")
         if rank is not None and world_size is not None and not 0 <= rank < world_size:
@@ -52,9 +90,26 @@ class ContrastiveLoss(torch.nn.Module):
         self.init_logit_scale = float(init_logit_scale)
         self.init_logit_bias = None if init_logit_bias is None else float(init_logit_bias)
         self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
+        self.label_smoothing = float(label_smoothing)
         self.rank = rank
         self.world_size = world_size
         self.group = group
+
+    def _auto_logit_bias(self, setting: str, global_batch: int | None) -> float:
+        name = type(self).__name__
+        if setting != AUTO:
+            raise ClipkitError(f"{name}: init_logit_bias={setting!r} must be a number, null or 'auto'")
+        if not self.ACCEPTS_AUTO_LOGIT_BIAS:
+            raise ClipkitError(
+                f"{name}: init_logit_bias=auto is for the sigmoid loss (softmax ignores a constant bias): "
+                "set loss.init_logit_bias=null"
+            )
+        if global_batch is None:
+            raise ClipkitError(
+                f"{name}: init_logit_bias=auto needs global_batch (the pairs one loss call sees over all "
+                "processes; the trainer passes it): pass global_batch= or a number"
+            )
+        return auto_init_logit_bias(global_batch)
 
     def process_layout(self) -> tuple[int, int]:
         """(rank, world_size) for this call."""
@@ -95,7 +150,8 @@ class ContrastiveLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"init_logit_scale={self.init_logit_scale}, init_logit_bias={self.init_logit_bias}, "
-            f"max_logit_scale={self.max_logit_scale}, rank={self.rank}, world_size={self.world_size}"
+            f"max_logit_scale={self.max_logit_scale}, label_smoothing={self.label_smoothing}, "
+            f"rank={self.rank}, world_size={self.world_size}"
         )
 
 

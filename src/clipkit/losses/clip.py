@@ -21,6 +21,7 @@ def clip_loss_local(
     logit_bias: torch.Tensor | None = None,
     *,
     first_label: int = 0,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric cross-entropy over the local rows of the global logit matrix.
 
@@ -28,6 +29,8 @@ def clip_loss_local(
     [first_label, first_label + b) of all_image_features, all_text_features: (N, D), every process's.
     Returns the mean over the b local pairs of (image->text CE + text->image CE) / 2; with one
     process (N = b, first_label = 0) that is CLIP's loss. Computes 2 x (b, N) logits, never (N, N).
+    `label_smoothing` eps: each row's target is 1 - eps on its pair plus eps / N on each of its N logits;
+    every row holds all N global logits, so the smoothing is exact across processes too.
     """
     b = image_features.shape[0]
     labels = torch.arange(first_label, first_label + b, device=image_features.device)  # (b,)
@@ -38,7 +41,9 @@ def clip_loss_local(
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    image_to_text = F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+    text_to_image = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    return (image_to_text + text_to_image) / 2
 
 
 class ClipLoss(ContrastiveLoss):
@@ -61,10 +66,12 @@ class ClipLoss(ContrastiveLoss):
           gradients (DDP, Accelerate) all parameter gradients equal the one-process ones.
     This is open_clip's ClipLoss(local_loss=True, gather_with_grad=True): there, local_loss without
     gather_with_grad drops the other ranks' terms from the feature gradients and is not exact.
+    `label_smoothing` (loss.label_smoothing) smooths each row's target over its W*b logits (exact too).
     """
 
     DEFAULT_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's temperature 0.07
     DEFAULT_INIT_LOGIT_BIAS = None
+    ACCEPTS_LABEL_SMOOTHING = True
 
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         dtype = logit_scale.dtype  # the math dtype: float32, or float64 for float64 features
@@ -83,5 +90,12 @@ class ClipLoss(ContrastiveLoss):
             # local and the gathered use then add up in float32 before their one rounding.
             image, text = all_image[rank * b : (rank + 1) * b], all_text[rank * b : (rank + 1) * b]
         return clip_loss_local(
-            image, text, all_image, all_text, logit_scale, logit_bias, first_label=rank * b
+            image,
+            text,
+            all_image,
+            all_text,
+            logit_scale,
+            logit_bias,
+            first_label=rank * b,
+            label_smoothing=self.label_smoothing,
         )

@@ -213,6 +213,7 @@ class SigLipLoss(ContrastiveLoss):
 
     DEFAULT_INIT_LOGIT_SCALE = math.log(10)  # the SigLIP paper's start: scale 10, bias -10
     DEFAULT_INIT_LOGIT_BIAS = -10.0
+    ACCEPTS_AUTO_LOGIT_BIAS = True
 
     def loss_on_this_rank(self, image_features, text_features, logit_scale, logit_bias, *, rank, world_size):
         ring = Ring(rank=rank, world_size=world_size, group=self.group)

@@ -14,7 +14,8 @@ from typing import Any
 from clipkit.errors import ClipkitError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "constant_cooldown")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 def config_from_dict(cls, values: Mapping[str, Any], *, group: str):
@@ -90,7 +91,17 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant (after linear warmup)
+    # A share of train.steps, e.g. 0.05; set, it wins over warmup_steps (round(fraction x steps), logged).
+    warmup_fraction: float | None = None
+    # After linear warmup: cosine (decay to min_lr_ratio x lr) | constant | constant_cooldown (constant,
+    # then the last cooldown_fraction of the steps decay linearly to min_lr_ratio x lr); open_clip's formulas.
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    cooldown_fraction: float = 0.2  # constant_cooldown only
+    # The lr for the global contrastive batch (data.batch_size x processes x train.accum_steps): none (lr as
+    # set) | linear (x global batch / lr_base_batch) | sqrt (x its square root); applies to image_lr / text_lr.
+    lr_scaling: str = "none"
+    lr_base_batch: int = 256
     grad_clip_norm: float | None = None  # e.g. 1.0
     # torch's fused AdamW kernel (CPU and CUDA), 3-7x faster optimizer step; false: the per-tensor loop
     fused: bool = True
@@ -106,6 +117,19 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ClipkitError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ClipkitError(f"optim.lr_scaling={self.lr_scaling!r} is not one of {LR_SCALINGS}")
+        if self.lr_base_batch < 1:
+            raise ClipkitError(f"optim.lr_base_batch={self.lr_base_batch} must be at least 1, e.g. 256")
+        if self.warmup_steps < 0:
+            raise ClipkitError(f"optim.warmup_steps={self.warmup_steps} must be 0 or more")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ClipkitError(
+                f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1], e.g. 0.05 (null: off)"
+            )
+        for key in ("min_lr_ratio", "cooldown_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ClipkitError(f"optim.{key}={getattr(self, key)} must be in [0, 1]")
         self.betas = tuple(self.betas)
         for key in ("lr", "image_lr", "text_lr", "weight_decay", "image_weight_decay", "text_weight_decay"):
             value = getattr(self, key)

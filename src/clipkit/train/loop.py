@@ -32,6 +32,7 @@ from clipkit.train.config import OptimConfig, TrainConfig, config_from_dict
 from clipkit.train.device_input import split_normalisation
 from clipkit.train.evaluation import BEST_MODEL_DIR, Evaluations
 from clipkit.train.metrics import MetricsLogger
+from clipkit.train.optim import resolve_optim_config
 from clipkit.train.parallel import build_accelerator, build_plan
 from clipkit.train.report import write_run_report
 from clipkit.train.step import contrastive_backward
@@ -106,12 +107,21 @@ class Trainer:
         self.plan = build_plan(self.train_cfg.sharding, self.train_cfg.precision, launch_env)
         self.accelerator = accelerator = build_accelerator(self.train_cfg.precision)
         _set_tf32(self.train_cfg, accelerator.device)
+        # The pairs one loss call sees: accumulation computes the loss over all micro-batches' features.
+        global_batch = data_cfg.batch_size * accelerator.num_processes * self.train_cfg.accum_steps
+        self.loss_fn = instantiate(
+            cfg.loss,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            global_batch=global_batch,
+        )
+        cfg = _with_resolved_logit_bias(cfg, self.loss_fn, global_batch)  # before config.yaml is written
+        self.optim_cfg = resolve_optim_config(
+            self.optim_cfg, global_batch=global_batch, total_steps=self.train_cfg.steps
+        )
         self.output_dir = self._setup_output_dir(cfg)
         set_seed(self.train_cfg.seed)  # the same initial weights on every process
 
-        self.loss_fn = instantiate(
-            cfg.loss, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
         # Data first: generated demo datasets are built (by the main process; the others reuse them) and
         # every shard spec is checked before a large model is built.
         with accelerator.main_process_first():
@@ -506,6 +516,22 @@ def _with_precision(cfg: DictConfig) -> DictConfig:
     log.info("train.precision=auto: %s on this machine (set train.precision to choose)", chosen)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.train.precision = chosen
+    return cfg
+
+
+def _with_resolved_logit_bias(cfg: DictConfig, loss_fn, global_batch: int) -> DictConfig:
+    """`cfg` with loss.init_logit_bias=auto replaced by the loss's value (a copy; logged once), so config.yaml
+    records the number the model started from (a resume takes the bias from the checkpoint)."""
+    if cfg.loss.get("init_logit_bias") != "auto":
+        return cfg
+    log.info(
+        "loss.init_logit_bias=auto: %.6g = -log(global batch %d = data.batch_size x processes x "
+        "train.accum_steps)",
+        loss_fn.init_logit_bias,
+        global_batch,
+    )
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.loss.init_logit_bias = loss_fn.init_logit_bias
     return cfg
 
 
