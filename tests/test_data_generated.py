@@ -115,7 +115,7 @@ def test_synthetic_config_works_on_a_fresh_machine(tmp_path, monkeypatch):
     for key in ("train_shards", "val_shards", "zeroshot_dataset"):
         values[key] = values[key].replace("20000", "50")
     cfg = prepare_data(DataConfig.from_dict(values))
-    root = tmp_path / "cache" / "datasets" / "synthetic-seed0-50x64px-test1000"
+    root = tmp_path / "cache" / "datasets" / "synthetic-seed0-50x64px-test1000-noise0.0"
     assert cfg.train_sources == [[str(root / "train" / "00000.tar")]]
     assert cfg.val_sources == [[str(root / "test" / "0.tar")]]
     assert cfg.zeroshot_dataset == str(root)

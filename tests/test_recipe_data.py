@@ -21,6 +21,8 @@ from clipkit.data import DataConfig, TrainStream, iter_val_batches, prepare_data
 from clipkit.data.augment import AUGMENTATION_PRESETS, build_train_transform
 from clipkit.data.digits import CLASSNAMES, load_digits_arrays, split_indices, write_digits_dataset
 from clipkit.data.shards import iter_shard_samples
+from clipkit.data.synthetic import CLASSNAMES as SYNTHETIC_CLASSES
+from clipkit.data.synthetic import write_synthetic_dataset
 from clipkit.errors import ClipkitError
 from clipkit.models import build_model
 from clipkit.train.schema import compose_config
@@ -227,6 +229,10 @@ def test_validation_pairs_each_image_with_its_first_caption_without_templates(tm
 
 
 # -- harder generated datasets --------------------------------------------------------------------------
+def samples_in(directory) -> list[dict]:
+    return [s for p in sorted(directory.glob("*.tar")) for s in iter_shard_samples(str(p), pytest.fail)]
+
+
 def split_digests(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
@@ -242,11 +248,7 @@ def test_digits_fraction_noise_and_phrasings_change_only_the_training_split(tmp_
     _, labels = load_digits_arrays()
     full_train, _ = split_indices(labels, test_fraction=0.3, seed=0)
     per_class_full = collections.Counter(int(labels[i]) for i in full_train)
-    samples = [
-        s
-        for p in sorted((tmp_path / "hard" / "train").glob("*.tar"))
-        for s in iter_shard_samples(str(p), pytest.fail)
-    ]
+    samples = samples_in(tmp_path / "hard" / "train")
     metas = [json.loads(s["json"]) for s in samples]
     per_class = collections.Counter(m["label"] for m in metas)
     assert per_class == {c: round(n * 0.25) for c, n in per_class_full.items()} and counts["train"] == len(
@@ -262,13 +264,28 @@ def test_digits_fraction_noise_and_phrasings_change_only_the_training_split(tmp_
             words = re.findall(r"\w+", line)
             assert CLASSNAMES[named] in words or str(named) in words, line
     assert noisy == round(0.3 * len(samples))
-    plain = [
-        s
-        for p in sorted((tmp_path / "plain" / "train").glob("*.tar"))
-        for s in iter_shard_samples(str(p), pytest.fail)
-    ]
+    plain = samples_in(tmp_path / "plain" / "train")
     assert len(plain) == sum(per_class_full.values()) and all(b"\n" not in s["txt"] for s in plain)
     assert all("caption_label" not in json.loads(s["json"]) for s in plain)
+
+
+def test_synthetic_caption_noise_renames_exactly_that_fraction_of_training_captions_only(tmp_path):
+    sizes = {"train_samples": 60, "test_samples": 20, "image_size": 16}
+    write_synthetic_dataset(tmp_path / "noisy", caption_noise=0.5, **sizes)
+    write_synthetic_dataset(tmp_path / "clean", **sizes)
+    assert split_digests(tmp_path / "noisy" / "test") == split_digests(tmp_path / "clean" / "test")
+    noisy, clean = (samples_in(tmp_path / name / "train") for name in ("noisy", "clean"))
+    assert [s["jpg"] for s in noisy] == [s["jpg"] for s in clean]  # the same pictures, other captions
+    renamed = 0
+    for sample in noisy:
+        meta = json.loads(sample["json"])
+        named = SYNTHETIC_CLASSES[meta.get("caption_label", meta["label"])]
+        colour, shape = named.split()
+        assert f"{colour} {shape}" in sample["txt"].decode()
+        renamed += "caption_label" in meta and meta["caption_label"] != meta["label"]
+    assert renamed == 30
+    with pytest.raises(ClipkitError, match="synthetic: caption_noise must be in"):
+        write_synthetic_dataset(tmp_path / "bad", caption_noise=-0.1, **sizes)
 
 
 @pytest.mark.parametrize("bad", [{"train_fraction": 0.0}, {"caption_noise": 1.5}, {"captions_per_sample": 9}])
