@@ -50,7 +50,8 @@ class DataConfig:
     augmentation: str | dict[str, Any] | None = None
     # Which caption of a sample with several (KEY.txt: one per non-empty line; or KEY.json: a JSON list of
     # strings) a training visit uses: random (one drawn per visit from the seed, epoch and sample), first, or
-    # whole (the .txt as one caption, lines kept). Evaluation during training always uses the first.
+    # whole (the .txt as one caption, lines kept). Evaluation ignores it and templates: retrieval evaluation
+    # takes every line of KEY.txt as a caption of its image (as CLIP_benchmark does); iter_val_batches the first.
     caption_choice: str = "random"
     # Templates with one `{}` (e.g. "a photo of {}."): one drawn per training visit wraps the caption; null: none.
     caption_templates: list[str] | None = None
