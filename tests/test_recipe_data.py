@@ -82,10 +82,16 @@ def test_unknown_preset_fails_with_one_line_listing_the_presets():
     assert "['none', 'openclip', 'light', 'strong', 'grayscale']" in message
 
 
-def test_presets_compose_from_the_command_line():
-    cfg = compose_config("data=digits", "data.augmentation=grayscale", "data.caption_choice=first")
+def test_presets_and_templates_compose_from_the_command_line():
+    cfg = compose_config(
+        "data=digits",
+        "data.augmentation=grayscale",
+        "data.caption_choice=first",
+        "data.caption_templates=['a photo of {}.','{}, by hand']",
+    )
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     assert data.augmentation == "grayscale" and data.caption_choice == "first"
+    assert data.caption_templates == ["a photo of {}.", "{}, by hand"]
 
 
 # -- captions -------------------------------------------------------------------------------------------
