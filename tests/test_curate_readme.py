@@ -35,7 +35,7 @@ def test_readme_curation_commands_run_as_typed(tmp_path, digits_run):
     # What the Quickstart leaves behind: its run and the generated digits in the default cache (HOME here).
     datasets = tmp_path / ".cache" / "clipkit" / "datasets"
     datasets.mkdir(parents=True)
-    (datasets / "digits-seed0-32px").symlink_to(digits_run.data_dir)
+    (datasets / "digits-seed0-32px-test0.3-train1.0-noise0.0-captions1").symlink_to(digits_run.data_dir)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "quickstart").symlink_to(digits_run.run_dir)
     env = subprocess_env(HOME=str(tmp_path), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")

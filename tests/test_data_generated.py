@@ -115,7 +115,7 @@ def test_synthetic_config_works_on_a_fresh_machine(tmp_path, monkeypatch):
     for key in ("train_shards", "val_shards", "zeroshot_dataset"):
         values[key] = values[key].replace("20000", "50")
     cfg = prepare_data(DataConfig.from_dict(values))
-    root = tmp_path / "cache" / "datasets" / "synthetic-seed0-50x64px"
+    root = tmp_path / "cache" / "datasets" / "synthetic-seed0-50x64px-test1000-noise0.0"
     assert cfg.train_sources == [[str(root / "train" / "00000.tar")]]
     assert cfg.val_sources == [[str(root / "test" / "0.tar")]]
     assert cfg.zeroshot_dataset == str(root)
@@ -130,7 +130,7 @@ def test_synthetic_config_works_on_a_fresh_machine(tmp_path, monkeypatch):
 def test_digits_config_points_at_its_test_split_for_zero_shot(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPKIT_CACHE", str(tmp_path))
     cfg = prepare_data(DataConfig.from_dict(_compose_data("digits")))
-    root = tmp_path / "datasets" / "digits-seed0-32px"
+    root = tmp_path / "datasets" / "digits-seed0-32px-test0.3-train1.0-noise0.0-captions1"
     assert cfg.zeroshot_dataset == str(root) and (root / "test" / "nshards.txt").is_file()
     assert [len(s) for s in cfg.train_sources] == [1]
 

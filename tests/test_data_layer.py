@@ -138,14 +138,15 @@ def test_zeroshot_evaluation_reports_the_corrupt_shard(bmp_data):
 def test_data_augmentation_reaches_the_training_transform(bmp_data, tmp_path):
     from clipkit.train.loop import Trainer
 
-    def train_transform(*overrides: str) -> str:
+    def train_transform(*overrides: str, eval_transform: bool = False) -> str:
         trainer = Trainer(
             compose_config(*data_overrides(bmp_data), f"output_dir={tmp_path / 'run'}", *overrides)
         )
         try:
-            return repr(trainer.bundle.train_transform)
+            return repr(trainer.bundle.eval_transform if eval_transform else trainer.bundle.train_transform)
         finally:
             trainer.close()
+            AcceleratorState._reset_state(True)
 
     default = train_transform()
     AcceleratorState._reset_state(True)
@@ -155,6 +156,9 @@ def test_data_augmentation_reaches_the_training_transform(bmp_data, tmp_path):
     assert "scale=(0.9, 1.0)" in default and "color_jitter" not in default
     # open_clip's own random colour jitter and grey-scale stages
     assert "scale=(0.5, 1.0)" in augmented and "color_jitter" in augmented and "gray_scale" in augmented
+    # A preset by name: `none` trains on the eval transform; `light` is a wider crop.
+    assert train_transform("data.augmentation=none") == train_transform(eval_transform=True)
+    assert "scale=(0.7, 1.0)" in train_transform("data.augmentation=light")
 
 
 def test_unknown_augmentation_key_is_refused(tmp_path):

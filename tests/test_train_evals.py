@@ -20,7 +20,11 @@ from conftest import REPO_ROOT, subprocess_env
 
 @pytest.mark.slow
 def test_two_eval_entries_are_logged_and_the_best_model_is_kept(tmp_path):
-    digits = Path(os.environ["CLIPKIT_CACHE"]) / "datasets" / "digits-seed0-32px"
+    digits = (
+        Path(os.environ["CLIPKIT_CACHE"])
+        / "datasets"
+        / "digits-seed0-32px-test0.3-train1.0-noise0.0-captions1"
+    )
     run_dir = tmp_path / "run"
     entries = (
         f"[{{type:zeroshot,dataset:'{digits}',name:zs}},"

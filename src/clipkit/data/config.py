@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipkit.data.augment import check_augmentation_name
 from clipkit.errors import ClipkitError
 
 # open_clip.transform.AugmentationCfg's fields (listed, not imported: this module does not import torch).
 AUGMENTATION_KEYS = (
     "scale", "ratio", "color_jitter", "re_prob", "re_count", "use_timm", "color_jitter_prob", "gray_scale_prob",
 )  # fmt: skip
+CAPTION_CHOICES = ("random", "first", "whole")
 
 
 @dataclass(kw_only=True)
@@ -41,10 +43,18 @@ class DataConfig:
     keep_keys: str | None = None
     # A directory in the zero-shot layout (test/, classnames.txt, templates) evaluated during training.
     zeroshot_dataset: str | None = None
-    # Training-time image augmentation, open_clip's `aug_cfg` keys (AugmentationCfg): scale, ratio,
-    # color_jitter, color_jitter_prob, gray_scale_prob, re_prob, re_count, use_timm. null: open_clip's
-    # default (a random resized crop with scale (0.9, 1.0)).
-    augmentation: dict[str, Any] | None = None
+    # Training-time image augmentation: a preset name (none | openclip | light | strong | grayscale, see
+    # clipkit.data.augment) or open_clip's `aug_cfg` keys (AugmentationCfg): scale, ratio, color_jitter,
+    # color_jitter_prob, gray_scale_prob, re_prob, re_count, use_timm. null: open_clip's default (a random
+    # resized crop with scale (0.9, 1.0)). Evaluation always uses the eval transform.
+    augmentation: str | dict[str, Any] | None = None
+    # Which caption of a sample with several (KEY.txt: one per non-empty line; or KEY.json: a JSON list of
+    # strings) a training visit uses: random (one drawn per visit from the seed, epoch and sample), first, or
+    # whole (the .txt as one caption, lines kept). Evaluation ignores it and templates: retrieval evaluation
+    # takes every line of KEY.txt as a caption of its image (as CLIP_benchmark does); iter_val_batches the first.
+    caption_choice: str = "random"
+    # Templates with one `{}` (e.g. "a photo of {}."): one drawn per training visit wraps the caption; null: none.
+    caption_templates: list[str] | None = None
     # A dataset clipkit generates when missing: {name: synthetic | digits, dir: DIR, ...its options}.
     generate: dict[str, Any] | None = None
     # Filled by prepare_data: each train / val source as a list of concrete shard URLs. Not user keys.
@@ -86,16 +96,35 @@ class DataConfig:
                 raise ClipkitError(f"weights must be a list of numbers, got {self.weights!r}")
             if any(not isinstance(w, int | float) or isinstance(w, bool) or w <= 0 for w in self.weights):
                 raise ClipkitError(f"weights must all be positive numbers, got {self.weights!r}")
-        if self.augmentation is not None:
+        if isinstance(self.augmentation, str):
+            check_augmentation_name(self.augmentation)
+        elif self.augmentation is not None:
             if not isinstance(self.augmentation, Mapping):
                 raise ClipkitError(
-                    f"augmentation must be a mapping of open_clip aug_cfg keys, got {self.augmentation!r}"
+                    "augmentation must be a preset name or a mapping of open_clip aug_cfg keys, "
+                    f"got {self.augmentation!r}"
                 )
             unknown = sorted(set(self.augmentation) - set(AUGMENTATION_KEYS))
             if unknown:
                 raise ClipkitError(
                     f"augmentation: unknown key(s) {unknown}; open_clip's aug_cfg keys are {list(AUGMENTATION_KEYS)}"
                 )
+        if self.caption_choice not in CAPTION_CHOICES:
+            raise ClipkitError(
+                f"caption_choice must be one of {list(CAPTION_CHOICES)}, got {self.caption_choice!r}"
+            )
+        if self.caption_templates is not None:
+            templates = self.caption_templates
+            if not isinstance(templates, list | tuple) or not templates:
+                raise ClipkitError(
+                    f"caption_templates must be a list of strings with one '{{}}', got {templates!r}"
+                )
+            for template in templates:
+                if not isinstance(template, str) or template.count("{}") != 1:
+                    raise ClipkitError(
+                        f"caption_templates: {template!r} must hold exactly one '{{}}' where the caption goes "
+                        "(e.g. 'a photo of {}.')"
+                    )
         if self.generate is not None:
             if (
                 not isinstance(self.generate, Mapping)

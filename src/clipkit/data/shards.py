@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,19 +161,45 @@ def iter_shard_samples(url: str, on_error: ErrorCallback) -> Iterator[dict[str, 
         on_error(url, None, "empty shard (no samples)")
 
 
+def _text_of(raw: Any, what: str) -> str:
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else str(raw)
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
+
+
 def caption_of(sample: dict[str, Any]) -> str:
-    """The sample's caption, or ValueError saying why it has none."""
+    """The sample's caption (KEY.txt as one text), or ValueError saying why it has none."""
     raw = sample.get("txt")
     if raw is None:
         raise ValueError("no caption (.txt)")
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else str(raw)
-    except UnicodeDecodeError:
-        raise ValueError("caption is not UTF-8 text") from None
-    text = text.strip()
+    text = _text_of(raw, "caption").strip()
     if not text:
         raise ValueError("empty caption")
     return text
+
+
+def captions_of(sample: dict[str, Any]) -> list[str]:
+    """The sample's captions: KEY.txt's non-empty lines, else KEY.json as a JSON list of strings.
+
+    KEY.txt wins when a sample has both: a KEY.json beside a KEY.txt is metadata (img2dataset's and
+    clipkit's layouts write one) and is not read. ValueError says why a sample has no caption.
+    """
+    if "txt" in sample:
+        return [line.strip() for line in caption_of(sample).splitlines() if line.strip()]
+    raw = sample.get("json")
+    if raw is None:
+        raise ValueError("no caption (.txt, or .json with a list of captions)")
+    try:
+        captions = json.loads(_text_of(raw, "captions (.json)"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"captions (.json) are not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ValueError("captions (.json) must be a JSON list of strings")
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise ValueError("empty caption list (.json)")
+    return captions
 
 
 def iter_captions(

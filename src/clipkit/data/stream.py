@@ -16,13 +16,16 @@ process knows every reader's position after the last batch it yielded. Resuming 
 raw samples (tar reading only, no decoding) up to that position.
 
 Augmentation. Before its transform a sample's RNGs are seeded from (seed, epoch, shard URL, key), so the
-pixels a sample gets do not depend on which process or worker reads it, nor on a resume.
+pixels a sample gets do not depend on which process or worker reads it, nor on a resume. Likewise the
+caption a visit draws (data.caption_choice: random, data.caption_templates) comes from (seed, epoch,
+source, shard, key).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -39,7 +42,7 @@ from clipkit.data.config import DataConfig
 from clipkit.data.images import decode_sample_image
 from clipkit.data.keys import KeepKeys, check_keep_keys, read_keep_keys
 from clipkit.data.seeds import stable_seed
-from clipkit.data.shards import caption_of, iter_shard_samples
+from clipkit.data.shards import caption_of, captions_of, iter_shard_samples
 from clipkit.errors import ClipkitError
 
 log = logging.getLogger(__name__)
@@ -52,9 +55,35 @@ MAX_EMPTY_EPOCHS = 16
 MAX_LOGGED_PROBLEMS = 50
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, str]:
-    """(RGB image, caption) of a raw sample, or ValueError naming what is wrong with it."""
-    caption = caption_of(sample)
+def choose_caption(
+    sample: dict[str, Any],
+    *,
+    choice: str = "first",
+    templates: list[str] | None = None,
+    rng: random.Random | None = None,
+) -> str:
+    """The caption a visit of `sample` uses (data.caption_choice, data.caption_templates), or ValueError.
+
+    `rng` (seeded per sample and visit) draws the caption under `random` and the template.
+    """
+    if choice == "whole":  # the .txt as it is, lines kept: what a sample's caption was before choices
+        caption = caption_of(sample) if "txt" in sample else "\n".join(captions_of(sample))
+    else:
+        captions = captions_of(sample)
+        caption = captions[0] if choice == "first" else rng.choice(captions)
+    if templates:
+        caption = rng.choice(templates).replace("{}", caption)
+    return caption
+
+
+def decode_sample(
+    sample: dict[str, Any], choose: Callable[[dict[str, Any]], str] = choose_caption
+) -> tuple[Image.Image, str]:
+    """(RGB image, caption) of a raw sample, or ValueError naming what is wrong with it.
+
+    `choose` picks the caption; the default is the first one, no template (evaluation's).
+    """
+    caption = choose(sample)
     image, reason = decode_sample_image(sample)
     if image is None:
         raise ValueError(reason)
@@ -225,9 +254,13 @@ class _BatchProducer(torch.utils.data.IterableDataset):
         first_worker: int,
         logged: set[tuple[str, str | None]],
         keep_keys: KeepKeys | None = None,
+        caption_choice: str = "first",
+        caption_templates: list[str] | None = None,
     ):
         super().__init__()
         self.keep_keys = keep_keys
+        self.caption_choice = caption_choice
+        self.caption_templates = caption_templates
         self.logged = logged  # problems already logged (kept across iterations when reading in-process)
         self.sources = sources
         self.weights = weights
@@ -294,8 +327,14 @@ class _BatchProducer(torch.utils.data.IterableDataset):
                     source = chooser.next() if chooser is not None else 0
                     sample, epoch = next(streams[source])
                     url, key = sample["__url__"], sample["__key__"]
+                    shard = readers[source].shard_index[url]
+                    # Its own RNG, from the sample and visit: the same caption in any layout and on resume.
+                    rng = random.Random(stable_seed(self.seed, "caption", epoch, source, shard, key))
+                    choose = functools.partial(
+                        choose_caption, choice=self.caption_choice, templates=self.caption_templates, rng=rng
+                    )
                     try:
-                        image, caption = decode_sample(sample)
+                        image, caption = decode_sample(sample, choose)
                     except ValueError as e:
                         report(url, key, str(e))
                         if epoch - last_good_epoch[source] >= MAX_EMPTY_EPOCHS:
@@ -305,7 +344,7 @@ class _BatchProducer(torch.utils.data.IterableDataset):
                             ) from None
                         continue
                     last_good_epoch[source] = epoch
-                    seed_sample_rngs(self.seed, epoch, source, readers[source].shard_index[url], key)
+                    seed_sample_rngs(self.seed, epoch, source, shard, key)
                     images.append(self.transform(image))
                     captions.append(caption)
                     keys.append(f"{url}#{key}")
@@ -382,6 +421,8 @@ class TrainStream:
             first_worker=self._batches % self.num_workers,
             logged=self._logged,
             keep_keys=self.keep_keys,
+            caption_choice=cfg.caption_choice,
+            caption_templates=cfg.caption_templates,
         )
         if cfg.workers == 0:
             batches = iter(producer)
@@ -474,8 +515,9 @@ class TrainStream:
         """Counters for this process as of the last batch yielded (cumulative over the run, resumes included).
 
         samples: good samples yielded; bad_samples: samples skipped (undecodable image, missing or empty
-        caption), counted each time they are met; bad_shards: shard reads that failed or found an empty
-        or truncated tar; epoch: the earliest epoch any of this process's readers is in; batches.
+        caption, a KEY.json caption list that is not valid), counted each time they are met; bad_shards:
+        shard reads that failed or found an empty or truncated tar; epoch: the earliest epoch any of this
+        process's readers is in; batches.
         """
         states = self._reader_states
         return {
@@ -497,7 +539,8 @@ def iter_val_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One in-order pass over `val_shards`: `(images (B,3,H,W), tokens (B,L))`, the last batch smaller.
 
-    For retrieval recall during training: image i of the pass goes with caption i. Read in this process;
+    For retrieval recall during training: image i of the pass goes with caption i (a sample's first
+    caption, no template, whatever data.caption_choice says). Read in this process;
     bad samples are skipped and logged. `cfg` comes from `prepare_data`.
     """
     if cfg.val_sources is None:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from clipkit.data.seeds import stable_seed
 from clipkit.data.writer import ImageOptions, Record, write_classification_dataset
+from clipkit.errors import ClipkitError
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -43,8 +44,13 @@ CAPTION_TEMPLATES = (
 ZEROSHOT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "a small {c}.", "a large {c}.")
 
 
-def describe_sample(seed: int, split: str, index: int, image_size: int) -> Record:
-    """Everything about sample `index` of `split`, drawn from (seed, split, index): no image yet."""
+def describe_sample(
+    seed: int, split: str, index: int, image_size: int, *, caption_label: int | None = None
+) -> Record:
+    """Everything about sample `index` of `split`, drawn from (seed, split, index): no image yet.
+
+    `caption_label`, when given, is the (wrong) class the caption names instead of the one drawn.
+    """
     rng = random.Random(stable_seed(seed, "synthetic", split, index))
     # The test split cycles through the classes so that every class is equally represented.
     label = index % len(CLASSNAMES) if split == "test" else rng.randrange(len(CLASSNAMES))
@@ -59,7 +65,11 @@ def describe_sample(seed: int, split: str, index: int, image_size: int) -> Recor
     background_rgb = [max(0, min(255, level + t)) for t in tint]
     background = "dark" if level < 80 else "light" if level > 160 else "grey"
     template = rng.choice(CAPTION_TEMPLATES)
-    caption = template.format(size=size, colour=colour, shape=shape, position=position, background=background)
+    named = label if caption_label is None else caption_label
+    named_shape, named_colour = SHAPES[named // len(COLOURS)], list(COLOURS)[named % len(COLOURS)]
+    caption = template.format(
+        size=size, colour=named_colour, shape=named_shape, position=position, background=background
+    )
     drawing = {
         "shape": shape,
         "rgb": [max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[colour]],
@@ -78,6 +88,7 @@ def describe_sample(seed: int, split: str, index: int, image_size: int) -> Recor
         "size": size,
         "position": position,
         "background": background,
+        **({"caption_label": named} if named != label else {}),
     }
     return Record(key=f"{index:09d}", caption=caption, label=label, meta=meta, payload=drawing)
 
@@ -118,17 +129,33 @@ def write_synthetic_dataset(
     train_samples: int = 20000,
     test_samples: int = 1000,
     image_size: int = 64,
+    caption_noise: float = 0.0,
     samples_per_shard: int = 1250,
     workers: int = 1,
 ) -> dict[str, int]:
     """Write the dataset in the shared layout (train/, test/, classnames, templates); sample counts.
 
     The default 20,000 training samples make 16 equal shards, which split evenly over 1, 2, 4, 8 or 16
-    processes x workers.
+    processes x workers. `caption_noise`: this fraction of the training captions name a wrong colour-shape
+    pair, drawn from the seed (the true class stays in KEY.json's `label`; the test split stays clean).
     """
+    if not 0.0 <= caption_noise <= 1.0:
+        raise ClipkitError(f"synthetic: caption_noise must be in [0, 1], got {caption_noise}")
+    rng = random.Random(stable_seed(seed, "synthetic-caption-noise"))
+    noisy = set(rng.sample(range(train_samples), round(train_samples * caption_noise)))
+    train = []
+    for i in range(train_samples):
+        record = describe_sample(seed, "train", i, image_size)
+        if i in noisy:  # a wrong class, drawn from the sample alone: the same whatever else is noisy
+            wrong = random.Random(stable_seed(seed, "synthetic-wrong-class", i)).randrange(
+                len(CLASSNAMES) - 1
+            )
+            wrong += wrong >= record.label  # skip the true class
+            record = describe_sample(seed, "train", i, image_size, caption_label=wrong)
+        train.append(record)
     results = write_classification_dataset(
         out_dir,
-        train=[describe_sample(seed, "train", i, image_size) for i in range(train_samples)],
+        train=train,
         test=[describe_sample(seed, "test", i, image_size) for i in range(test_samples)],
         classnames=CLASSNAMES,
         templates=ZEROSHOT_TEMPLATES,

@@ -14,6 +14,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from clipkit.data.augment import build_train_transform
 from clipkit.errors import ClipkitError
 from clipkit.models.config import ModelConfig
 from clipkit.models.sources import OPEN_CLIP_CONFIG_NAME, resolve
@@ -51,7 +52,7 @@ def build_model(
     init_logit_bias: float | None = None,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
-    aug_cfg: Mapping[str, Any] | None = None,
+    aug_cfg: str | Mapping[str, Any] | None = None,
 ) -> ModelBundle:
     """Model, train/eval image transforms and tokenizer.
 
@@ -62,6 +63,8 @@ def build_model(
     state dict, an open_clip pretrained tag of the architecture (`laion2b_s34b_b79k`), or a whole model
     (`hf-hub:ORG/NAME`, a directory) whose architecture and preprocessing then win.
     See `clipkit.models.sources` for the resolvers.
+
+    `aug_cfg` is `data.augmentation`: a preset name (`clipkit.data.augment`), open_clip aug_cfg keys, or None.
 
     `init_logit_scale` / `init_logit_bias` are the loss's starting values; a model config that sets
     its own wins, and trained weights overwrite both.
@@ -87,7 +90,7 @@ def build_model(
     pp = PreprocessCfg(**preprocess_cfg)
     return ModelBundle(
         model=model,
-        train_transform=image_transform_v2(pp, is_train=True, aug_cfg=dict(aug_cfg or {})),
+        train_transform=build_train_transform(pp, aug_cfg),
         eval_transform=image_transform_v2(pp, is_train=False),
         tokenizer=build_tokenizer(model_cfg, resolved.tokenizer, model_name=resolved.name),
         model_cfg=model_cfg,
