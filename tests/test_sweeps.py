@@ -177,7 +177,8 @@ def test_clipkit_train_hands_every_argument_to_hydra(tmp_path):
     job = run_clipkit("train", "--cfg", "job", "experiment=digits", cwd=tmp_path)
     assert job.returncode == 0 and yaml.safe_load(job.stdout)["output_dir"] == "runs/digits"
     helped = run_clipkit("train", "--help", cwd=tmp_path)
-    assert helped.returncode == 0 and "Powered by Hydra" in helped.stdout
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: clipkit train [-m]")
+    assert "Powered by Hydra" in helped.stdout
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
