@@ -156,10 +156,14 @@ def main(arguments: Sequence[str] | None = None) -> None:
 def _train_job(cfg: DictConfig, launch_env: Mapping[str, str]) -> float | None:
     """Train one sweep job; returns its objective (train.objective's last value in its metrics.jsonl) if one
     is set: what an optimising sweeper (Optuna) minimises or maximises."""
-    from clipkit.train.loop import run
+    from clipkit.train.loop import Trainer
     from clipkit.train.runs import final_metric
 
-    run(cfg, launch_env=launch_env)
+    trainer = Trainer(cfg, launch_env=launch_env)
+    try:
+        trainer.fit()
+    finally:  # the next job reuses the process group (under accelerate launch); the rest is closed
+        trainer.close(keep_process_group=True)
     objective = cfg.train.get("objective")
     if objective is None or launch_env.get("RANK", "0") != "0":  # the main process writes metrics.jsonl
         return None
