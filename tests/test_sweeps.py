@@ -157,6 +157,28 @@ def test_runs_compare_notes_a_run_without_metrics_and_refuses_a_dir_that_is_not_
         final_metric(base / "3_loss=siglip,optim.lr=0.001", "zeroshot/acc1")
 
 
+@pytest.mark.slow  # two short training jobs
+def test_optuna_gets_each_jobs_objective(tmp_path):
+    # The [sweep] extra; CI's environment does not have it (checked by hand in a throw-away venv).
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install 'clipkit[sweep]'")
+    result = run_clipkit(
+        "train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=minimize", "hydra.sweeper.n_trials=2",
+        "optim.lr=tag(log,interval(1e-4,3e-3))", "train.objective=loss", *shlex.split(SMALL), "output_dir=sweep",
+        cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name.split("_", 1)[1].split("=")[0] for p in jobs] == ["optim.lr", "optim.lr"]
+    final_losses = {p: [r["loss"] for r in metrics_of(p) if "loss" in r][-1] for p in jobs}
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(final_losses.values())
+    best_job = min(final_losses, key=final_losses.get)
+    assert (
+        best["best_params"]["optim.lr"]
+        == yaml.safe_load((best_job / "config.yaml").read_text())["optim"]["lr"]
+    )
+
+
 def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path):
     # Both jobs fail at once (before any data or model): -m reaches Hydra, and job #1 runs after #0 failed.
     result = run_clipkit("train", "-m", "train.precision=bogus,worse", "output_dir=sweep", cwd=tmp_path)
