@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare = commands.add_parser(
         "compare", help="settings that differ and final metrics, one row per run", description=__doc__.strip()
     )
-    compare.add_argument("run_dirs", nargs="+", type=Path, help="run directories (each with config.yaml)")
+    compare.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        help="run directories (each with config.yaml), or a sweep's directory",
+    )
     compare.add_argument(
         "--metric",
         action="append",
@@ -39,13 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipkit.train.runs import differing_keys, read_run
+    from clipkit.train.runs import differing_keys, find_runs, read_run
 
-    run_dirs = [path for path in args.run_dirs if path.is_dir()]
+    run_dirs = []
     for path in args.run_dirs:
         if not path.exists():
             raise ClipkitError(f"{path} does not exist; pass run directories")
-        if not path.is_dir():  # e.g. a sweep's multirun.yaml that `runs/sweep/*` also matches
+        if path.is_dir():
+            run_dirs += find_runs(path)  # a run, or a sweep's directory of runs
+        else:  # e.g. a sweep's multirun.yaml that `runs/sweep/*` also matches
             print(f"clipkit runs compare: skipping {path} (a file, not a run directory)", file=sys.stderr)
     runs = [read_run(path) for path in run_dirs]
     if not runs:

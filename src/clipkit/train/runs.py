@@ -79,6 +79,23 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(run_dir=run_dir, config=flatten(config), history=history)
 
 
+def find_runs(path: str | Path) -> list[Path]:
+    """The run directories `path` names: itself if it is a run, else the runs directly inside it (a sweep's
+    directory: <output_dir>/<job number>_<overrides>/); neither is refused."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return [path]
+    inside = (
+        sorted(child for child in path.iterdir() if (child / CONFIG_NAME).is_file()) if path.is_dir() else []
+    )
+    if not inside:
+        raise ClipkitError(
+            f"{path} is not a clipkit run directory (no {CONFIG_NAME}) nor a sweep's (no runs inside); "
+            "pass run directories"
+        )
+    return inside
+
+
 def _read_history(path: Path) -> list[dict[str, Any]]:
     records = []
     lines = path.read_text(encoding="utf-8").splitlines()
