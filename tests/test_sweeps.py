@@ -185,7 +185,8 @@ def test_optuna_gets_each_jobs_objective(tmp_path):
 
 def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path):
     # Both jobs fail at once (before any data or model): -m reaches Hydra, and job #1 runs after #0 failed.
-    result = run_clipkit("train", "-m", "train.precision=bogus,worse", "output_dir=sweep", cwd=tmp_path)
+    # No output_dir: the sweep's base is runs/multirun/<date>_<time>.
+    result = run_clipkit("train", "-m", "train.precision=bogus,worse", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     for number, value in enumerate(("bogus", "worse")):
         line = f"clipkit train: job #{number} (train.precision={value}) failed: train.precision='{value}' is not one of"
@@ -193,7 +194,9 @@ def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "clipkit train: 2 job(s) failed: job #0 (train.precision=bogus); job #1 (train.precision=worse)"
     )
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+    (base,) = (tmp_path / "runs" / "multirun").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", base.name)
+    assert sorted(p.name for p in base.iterdir()) == [
         "0_train.precision=bogus", "1_train.precision=worse", "multirun.yaml"
     ]  # fmt: skip
 
