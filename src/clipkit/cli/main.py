@@ -29,7 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "classify": ("clipkit.cli.classify", "zero-shot classify images against labels you name"),
     "index": ("clipkit.cli.index", "build a text-to-image search index, or add images to one"),
-    "embed": ("clipkit.cli.embed", "embed a collection into clip-retrieval's layout (also under accelerate launch)"),
+    "embed": (
+        "clipkit.cli.embed",
+        "embed a collection into clip-retrieval's layout (also under accelerate launch)",
+    ),
     "score": (
         "clipkit.cli.score",
         "score a collection for curation: embeddings, CLIP score, caption length, image size",
@@ -37,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("clipkit.cli.filter", "keep a scored collection's best samples: a key list or new shards"),
     "serve": ("clipkit.cli.serve", "serve a search index over HTTP (API, search page, metrics)"),
     "merge": ("clipkit.cli.merge", "interpolate two models in weight space (WiSE-FT)"),
+    "runs": ("clipkit.cli.runs", "compare training runs: the settings that differ and the final metrics"),
 }
 
 
@@ -69,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # Every argument after `train` is Hydra's (-m, --cfg job, --help, overrides), as for python -m clipkit.train.
+        from clipkit.cli.train import run_hydra
+
+        return run_hydra(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

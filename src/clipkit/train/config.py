@@ -62,6 +62,9 @@ class TrainConfig:
     sharding: str = "auto"
     tf32: bool = True  # float32 matmuls on TF32 tensor cores (Ampere and newer GPUs); false: full float32
     uint8_images: bool = True  # images travel as uint8 and are normalised on the device (train.device_input)
+    # A sweep's objective: the run returns this metric's last logged value (e.g. zeroshot/acc1) to Hydra's
+    # sweeper, which an optimising one (Optuna, `pip install clipkit[sweep]`) minimises or maximises.
+    objective: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
