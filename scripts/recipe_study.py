@@ -43,8 +43,12 @@ DATASETS = {
     "digits-20pct": ("data=digits", "data.generate.test_fraction=0.8"),
     # Generated shapes at 32 px, 2,000 training images (20 colour x shape classes, small ones only ~10 px):
     # colour and shape must both be read from few pixels, with captions that also name size and position.
-    "shapes-2k": ("data=synthetic", "data.generate.image_size=32", "data.generate.train_samples=2000",
-                  "data.generate.test_samples=1000"),  # fmt: skip
+    "shapes-2k": (
+        "data=synthetic",
+        "data.generate.image_size=32",
+        "data.generate.train_samples=2000",
+        "data.generate.test_samples=1000",
+    ),  # fmt: skip
 }
 
 # Today's defaults: every key at its clipkit default except the budget (lr 5e-4, wd 0.2, 100 warmup steps,
@@ -64,7 +68,7 @@ KNOBS = {
     "patch-dropout-0.5": ("+model.vision_cfg.patch_dropout=0.5",),
     "label-smoothing-0.1": ("loss.label_smoothing=0.1",),
     "bias-auto": ("loss.init_logit_bias=auto",),
-    "templates": ("data.caption_templates=[\"a photo of {}\",\"{}\",\"an image of {}\"]",),
+    "templates": ('data.caption_templates=["a photo of {}","{}","an image of {}"]',),
 }
 KNOBS_FOR = {  # knobs that exist for one loss only
     "label-smoothing-0.1": {"clip"},
@@ -78,8 +82,10 @@ def variants(selection: str) -> dict[str, tuple[str, ...]]:
     table: dict[str, tuple[str, ...]] = {}
     for loss in ("clip", "siglip"):
         table[f"{loss}-default"] = DEFAULT[loss]
-        table[f"{loss}-recipe"] = RECIPE[loss]
-        table[f"{loss}-recipe-half"] = RECIPE[loss] + ("train.steps=300",)
+        recipe = RECIPE[loss][0].split("=", 1)[1]
+        if (REPO_ROOT / "conf" / "experiment" / f"{recipe}.yaml").is_file():  # not before the study picks it
+            table[f"{loss}-recipe"] = RECIPE[loss]
+            table[f"{loss}-recipe-half"] = RECIPE[loss] + ("train.steps=300",)
     if selection == "core":
         return table
     for loss, (knob, overrides) in itertools.product(("clip", "siglip"), KNOBS.items()):
@@ -127,7 +133,10 @@ def run_one(job: dict, *, threads: int) -> dict:
         accuracy = final_accuracy(run_dir, steps)
         if accuracy is None:
             raise SystemExit(f"recipe_study: {run_dir}/metrics.jsonl has no zeroshot/acc1 at step {steps}")
-        print(f"{job['dataset']} {job['variant']} seed {job['seed']}: {accuracy:.4f} ({seconds:.0f} s)", flush=True)
+        print(
+            f"{job['dataset']} {job['variant']} seed {job['seed']}: {accuracy:.4f} ({seconds:.0f} s)",
+            flush=True,
+        )
     return {**job, "accuracy": accuracy, "seconds": seconds}
 
 
@@ -158,14 +167,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}"
+    )
     parser.add_argument("--variants", default="knobs", help="core | knobs | comma-separated variant names")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=1, help="multiply the steps by this (warmup stays as configured)")
-    parser.add_argument("--work", default="runs/recipe-study", help="run directories (kept: the study resumes)")
+    parser.add_argument(
+        "--budget", type=int, default=1, help="multiply the steps by this (warmup stays as configured)"
+    )
+    parser.add_argument(
+        "--work", default="runs/recipe-study", help="run directories (kept: the study resumes)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each on cores/jobs threads)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)"
+    )
     parser.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
     parser.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     parser.add_argument("--out", default=None)
@@ -177,7 +196,13 @@ def main() -> None:
         datasets.items(), variants(args.variants).items(), range(args.seeds)
     ):
         data_dir = Path(args.work).resolve() / "data" / dataset  # generated once, shared by every run
-        run_overrides = (*BUDGET, *data_overrides, f"data.generate.dir={data_dir}", *overrides, f"train.seed={seed}")
+        run_overrides = (
+            *BUDGET,
+            *data_overrides,
+            f"data.generate.dir={data_dir}",
+            *overrides,
+            f"train.seed={seed}",
+        )
         if args.budget != 1:
             run_overrides += (f"train.steps={steps_of(run_overrides) * args.budget}",)
         name = f"x{args.budget}/{dataset}/{variant}/seed{seed}"
