@@ -4,7 +4,8 @@
 #   requirements/lock-dev.txt  runtime + the dev extra, resolved with lock.txt as constraints; the README's
 #                              install commands and CI (.ci/run) install with it as constraints
 # Then re-run the tests in a fresh virtualenv installed from the new locks (the README's test command) and commit
-# both files together (`--dev-only` keeps lock.txt and re-resolves lock-dev.txt only, after a dev extra changes).
+# both files together (`--dev-only` keeps lock.txt and re-resolves lock-dev.txt only, after a dev extra changes;
+# `--add` keeps every pin of both files and only adds what a new dependency brings).
 # scripts/check_latest.sh tries the newest releases without the locks (non-blocking).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +31,12 @@ PY
   rm -f "$report"
 }
 
-[ "${1:-}" = --dev-only ] || resolve requirements/lock.txt \
+keep=()
+if [ "${1:-}" = --add ]; then  # a dependency was added: keep every other pin as it is
+  keep=(-c requirements/lock-dev.txt)
+fi
+[ "${1:-}" = --dev-only ] || [ "${1:-}" = --add ] || resolve requirements/lock.txt \
   "Runtime dependency versions (\`pip install .\`); the Dockerfile installs exactly these." .
 resolve requirements/lock-dev.txt \
   "Runtime + dev versions (\`pip install -c requirements/lock.txt '.[dev]'\`); CI and the README install with these as constraints." \
-  -c requirements/lock.txt ".[dev]"
+  -c requirements/lock.txt "${keep[@]}" ".[dev]"

@@ -15,6 +15,7 @@ from PIL import Image
 
 from clipkit.cli.main import main as clipkit_main
 from clipkit.data import DataConfig, prepare_data
+from clipkit.data.prepare import ensure_generated
 from clipkit.data.shards import iter_shard_samples
 from clipkit.data.synthetic import CLASSNAMES, COLOURS, write_synthetic_dataset
 from clipkit.errors import ClipkitError
@@ -125,6 +126,24 @@ def test_synthetic_config_works_on_a_fresh_machine(tmp_path, monkeypatch):
     values["generate"]["test_samples"] = 21
     with pytest.raises(ClipkitError, match="exists but does not hold the generated dataset"):
         prepare_data(DataConfig.from_dict(values))
+
+
+def test_a_dataset_recorded_with_fewer_options_matches_when_the_rest_are_defaults(tmp_path):
+    # Written by a caller (or an older clipkit) that named only some options: the config, which names all of
+    # them at their defaults, reuses it; a non-default value is another dataset and is refused.
+    target = tmp_path / "digits"
+    ensure_generated(
+        {"name": "digits", "dir": str(target), "seed": 0, "test_fraction": 0.3, "image_size": 32}
+    )
+    stamp = (target / "test" / "0.tar").stat().st_mtime_ns
+    full = _compose_data("digits")["generate"]
+    assert {"train_fraction", "caption_noise", "captions_per_sample"} <= set(full)
+    assert ensure_generated({**full, "dir": str(target)}) == target
+    assert (target / "test" / "0.tar").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(ClipkitError, match="exists but does not hold the generated dataset"):
+        ensure_generated({**full, "dir": str(target), "caption_noise": 0.3})
+    with pytest.raises(ClipkitError, match="exists but does not hold the generated dataset"):
+        ensure_generated({"name": "synthetic", "dir": str(target)})
 
 
 def test_digits_config_points_at_its_test_split_for_zero_shot(tmp_path, monkeypatch):

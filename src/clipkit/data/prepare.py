@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -83,11 +84,12 @@ def ensure_generated(generate: Mapping[str, Any]) -> Path:
             f"data.generate.name '{name}' is not a generated dataset; choose one of {sorted(writers)}"
         )
     recorded = {"name": name, "options": json.loads(json.dumps(options))}
-    if _generated_matches(target, recorded):
+    defaults = _option_defaults(writers[name])
+    if _generated_matches(target, recorded, defaults):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.with_name(f".{target.name}.lock")):
-        if _generated_matches(target, recorded):  # another process built it while this one waited
+        if _generated_matches(target, recorded, defaults):  # another process built it while this one waited
             return target
         log.info("generating the %s dataset into %s (once; later runs reuse it)", name, target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -109,7 +111,28 @@ def ensure_generated(generate: Mapping[str, Any]) -> Path:
     return target
 
 
-def _generated_matches(target: Path, recorded: dict[str, Any]) -> bool:
+def _option_defaults(writer: Callable[..., Any]) -> dict[str, Any]:
+    """The writer's keyword options and their defaults: an option left out means its default."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(writer).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
+def _same_dataset(found: Any, recorded: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a recorded generator equals the wanted one, options compared with the writer's defaults filled
+    in: a dataset written before an option existed (or by a caller that left it at its default) matches."""
+    if not isinstance(found, dict) or found.get("name") != recorded["name"]:
+        return False
+    found_options = found.get("options")
+    if not isinstance(found_options, dict):
+        return False
+    full = json.loads(json.dumps(defaults, default=str))
+    return {**full, **found_options} == {**full, **recorded["options"]}
+
+
+def _generated_matches(target: Path, recorded: dict[str, Any], defaults: dict[str, Any]) -> bool:
     """True if `target` holds the dataset `recorded` describes; an error if it holds something else."""
     if not target.exists():
         return False
@@ -118,7 +141,7 @@ def _generated_matches(target: Path, recorded: dict[str, Any]) -> bool:
         generator = json.loads(info_path.read_text(encoding="utf-8")).get("generator")
     except (OSError, json.JSONDecodeError):
         generator = None
-    if generator != recorded:
+    if not _same_dataset(generator, recorded, defaults):
         raise ClipkitError(
             f"{target} exists but does not hold the generated dataset {recorded} (found {generator}); "
             "delete it or point data.generate.dir elsewhere"
