@@ -19,14 +19,9 @@ from typing import Any
 
 import torch
 
-from clipkit.eval.classifier import load_or_build_zeroshot_classifier
+from clipkit.eval.classifier import load_or_build_zeroshot_classifier, weights_fingerprint
 from clipkit.eval.datasets import CLASSIFICATION
-from clipkit.eval.features import (
-    SplitFeatures,
-    load_or_encode_split,
-    load_or_encode_texts,
-    weights_fingerprint,
-)
+from clipkit.eval.features import SplitFeatures, load_or_encode_split, load_or_encode_texts
 from clipkit.eval.linear_probe import LinearProbeConfig, linear_probe, validation_split
 from clipkit.eval.metrics import TOP5_MIN_CLASSES, classification_metrics
 from clipkit.eval.suite import FEWSHOT, LINEAR_PROBE, RETRIEVAL_TASK, ZEROSHOT, DatasetSpec, Suite, TaskSpec

@@ -145,16 +145,21 @@ def classifier_cache_key(
     return hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def text_tower_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of every tensor outside the image tower."""
+def weights_fingerprint(model: torch.nn.Module, *, skip_prefix: str | None = None) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the model's tensors (those not under `skip_prefix`)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("visual."):
+        if skip_prefix is not None and name.startswith(skip_prefix):
             continue
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+def text_tower_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of every tensor outside the image tower (what a zero-shot classifier depends on)."""
+    return weights_fingerprint(model, skip_prefix="visual.")
 
 
 def tokenizer_identity(tokenizer: Callable) -> dict[str, object]:

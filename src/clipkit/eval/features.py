@@ -49,18 +49,6 @@ class SplitFeatures:
         return int(self.indices.shape[0])
 
 
-def weights_fingerprint(model: torch.nn.Module, *, skip_prefix: str | None = None) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the model's tensors (those not under `skip_prefix`)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if skip_prefix is not None and name.startswith(skip_prefix):
-            continue
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 def dataset_fingerprint(dataset: EvalDataset) -> dict[str, Any]:
     """What identifies a dataset's content cheaply: its files with their sizes and modification times."""
     paths = [path for path, _ in dataset.files] if dataset.layout == "class_folders" else dataset.shards
