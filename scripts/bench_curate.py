@@ -152,7 +152,7 @@ def main() -> None:
         "--scorer-steps",
         type=int,
         default=None,
-        help="the scorer's training steps (default: half of --steps)",
+        help="train a separate scorer for this many steps (default: the scorer is the all run)",
     )
     parser.add_argument("--warmup", type=int, default=50, help="optim.warmup_steps")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -181,11 +181,11 @@ def experiment(work: Path, args) -> dict:
     for seed in args.seeds:
         baseline = train(work, "all", seed, args, noisy, None)
         runs.append(baseline)
-        scorer = baseline
+        scorer, tag = baseline, ""
         if scorer_steps != args.steps:
             scorer = train(work, f"scorer{scorer_steps}", seed, args, noisy, None, steps=scorer_steps)
             runs.append(scorer)
-        tag = "" if scorer_steps == args.steps else f"-scorer{scorer_steps}"
+            tag = f"-scorer{scorer_steps}"
         scores = work / f"scores-seed{seed}{tag}"
         score_s = run(
             [sys.executable, "-m", "clipkit", "score", "--model", scorer["run_dir"], "--images", str(noisy),

@@ -9,17 +9,14 @@ set -euo pipefail
 venv=${1:?usage: make_venv.sh VENV_DIR}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 requirements="$here/requirements/interop.txt"
-purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if [ -f "$venv/.complete" ] && cmp -s "$venv/.complete" "$requirements"; then
-  # Built before, perhaps from another clipkit environment (another checkout, or one since removed):
-  # point it at this one, whose packages it borrows.
-  sitepackages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$purelib" > "$sitepackages/zz_clipkit_environment.pth"
-  exit 0
+if ! { [ -f "$venv/.complete" ] && cmp -s "$venv/.complete" "$requirements"; }; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$requirements"
+  cp "$requirements" "$venv/.complete"
 fi
-rm -rf "$venv"
-python3 -m venv "$venv"
+# Every run, also over a venv built before (perhaps from another clipkit environment: another checkout, or one
+# since removed): the venv borrows this environment's packages, after its own.
+purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 sitepackages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$purelib" > "$sitepackages/zz_clipkit_environment.pth"  # after the venv's own packages
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$requirements"
-cp "$requirements" "$venv/.complete"
+echo "$purelib" > "$sitepackages/zz_clipkit_environment.pth"
