@@ -55,6 +55,9 @@ DATASETS = {
 # cosine, CLIP temperature 0.07, SigLIP scale 10 and bias -10, open_clip's crop scale (0.9, 1)).
 DEFAULT = {"clip": ("loss=clip",), "siglip": ("loss=siglip",)}
 RECIPE = {"clip": ("experiment=scratch-clip-small",), "siglip": ("experiment=scratch-siglip-small",)}
+# What each recipe sets, as the knob combination screened below (a test holds the two equal): the study's
+# `clip+light+lr1e-3` runs are `clip-recipe` runs.
+RECIPE_KNOBS = {"clip": "light+lr1e-3", "siglip": "light+bias-auto"}
 # One knob at a time on top of today's default (what each contributes to the recipe).
 KNOBS = {
     "lr1e-3-wd0.1": ("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup_steps=50"),
@@ -70,9 +73,25 @@ KNOBS = {
     "bias-auto": ("loss.init_logit_bias=auto",),
     "templates": ('data.caption_templates=["a photo of {}","{}","an image of {}"]',),
 }
+# Knob combinations screened for the recipes (run only when named: `--variants clip+light+ema,...`).
+COMBOS = {
+    "light+ls0.1": ("data.augmentation=light", "loss.label_smoothing=0.1"),
+    "light+ema": ("data.augmentation=light", "train.ema_decay=0.995"),
+    "light+wu10pct": ("data.augmentation=light", "optim.warmup_fraction=0.1"),
+    "light+t0.1": ("data.augmentation=light", "loss.init_logit_scale=2.302585092994046"),
+    "light+lr1e-3": ("data.augmentation=light", "optim.lr=1e-3"),
+    "light+bias-auto": ("data.augmentation=light", "loss.init_logit_bias=auto"),
+    "light+bias-auto+lr1e-3": ("data.augmentation=light", "loss.init_logit_bias=auto", "optim.lr=1e-3"),
+    "light+bias-auto+ema": ("data.augmentation=light", "loss.init_logit_bias=auto", "train.ema_decay=0.995"),
+}
 KNOBS_FOR = {  # knobs that exist for one loss only
     "label-smoothing-0.1": {"clip"},
     "bias-auto": {"siglip"},
+    "light+ls0.1": {"clip"},
+    "light+t0.1": {"clip"},
+    "light+bias-auto": {"siglip"},
+    "light+bias-auto+ema": {"siglip"},
+    "light+bias-auto+lr1e-3": {"siglip"},
 }
 
 
@@ -93,6 +112,9 @@ def variants(selection: str) -> dict[str, tuple[str, ...]]:
             table[f"{loss}+{knob}"] = DEFAULT[loss] + overrides
     if selection == "knobs":
         return table
+    for loss, (combo, overrides) in itertools.product(("clip", "siglip"), COMBOS.items()):
+        if loss in KNOBS_FOR.get(combo, {loss}):
+            table[f"{loss}+{combo}"] = DEFAULT[loss] + overrides
     names = selection.split(",")
     unknown = sorted(set(names) - set(table))
     if unknown:

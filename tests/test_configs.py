@@ -33,7 +33,8 @@ def _instantiate_all(node, path="cfg"):
     count = 0
     if isinstance(node, DictConfig):
         if "_target_" in node:
-            obj = instantiate(node)
+            # the trainer passes the loss its global batch (init_logit_bias=auto is derived from it)
+            obj = instantiate(node, global_batch=64) if path == "cfg.loss" else instantiate(node)
             assert obj is not None, path
             return 1
         for key, value in node.items():

@@ -34,6 +34,32 @@ def test_every_study_run_composes_with_its_knob_set():
     assert smoothing.loss.label_smoothing == 0.1
     templates = compose_config(*study.BUDGET, *variants["clip+templates"])
     assert list(templates.data.caption_templates) == ["a photo of {}", "{}", "an image of {}"]
+    combos = study.variants(",".join(f"{loss}+{c}" for loss in ("clip", "siglip") for c in study.COMBOS
+                                     if loss in study.KNOBS_FOR.get(c, {loss})))  # fmt: skip
+    for name, overrides in combos.items():
+        cfg = compose_config(*study.BUDGET, *study.DATASETS["shapes-2k"], *overrides)
+        assert cfg.data.augmentation == "light", name
+        assert cfg.loss._target_.endswith("SigLipLoss" if name.startswith("siglip") else "ClipLoss"), name
+
+
+def test_each_recipe_is_its_screened_knob_combination():
+    study = load_study()
+    for loss, combo in study.RECIPE_KNOBS.items():
+        for dataset in study.DATASETS.values():
+            recipe = compose_config(*study.BUDGET, *dataset, *study.RECIPE[loss])
+            knobs = compose_config(*study.BUDGET, *dataset, *study.DEFAULT[loss], *study.COMBOS[combo])
+            assert recipe == knobs, (loss, combo)
+
+
+def test_the_recipes_set_their_knobs_and_leave_model_data_and_budget_to_the_user():
+    for recipe, loss in (("scratch-clip-small", "ClipLoss"), ("scratch-siglip-small", "SigLipLoss")):
+        cfg = compose_config(f"experiment={recipe}", "model=tiny", "data=digits", "data.batch_size=32",
+                             "train.steps=7")  # fmt: skip
+        assert cfg.loss._target_ == f"clipkit.losses.{loss}"
+        assert cfg.data.augmentation == "light"
+        assert (cfg.data.generate.name, cfg.data.batch_size, cfg.train.steps) == ("digits", 32, 7)
+        assert cfg.output_dir is None  # a sweep or a second recipe run gets its own directory
+    assert compose_config("experiment=scratch-siglip-small").loss.init_logit_bias == "auto"
 
 
 def test_list_prints_every_run_without_running_one(tmp_path):
@@ -43,5 +69,10 @@ def test_list_prints_every_run_without_running_one(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 * 2 * 2  # datasets x (clip, siglip defaults) x seeds, no recipe shipped yet
+    # datasets x (clip, siglip) x (default, recipe, recipe at half the steps) x seeds
+    assert len(lines) == 2 * 2 * 3 * 2
+    assert (
+        sum("experiment=scratch-siglip-small" in line and "train.steps=300" in line for line in lines)
+        == 2 * 2
+    )
     assert not any(tmp_path.iterdir())
