@@ -57,7 +57,7 @@ DEFAULT = {"clip": ("loss=clip",), "siglip": ("loss=siglip",)}
 RECIPE = {"clip": ("experiment=scratch-clip-small",), "siglip": ("experiment=scratch-siglip-small",)}
 # What each recipe sets, as the knob combination screened below (a test holds the two equal): the study's
 # `clip+light+lr1e-3` runs are `clip-recipe` runs.
-RECIPE_KNOBS = {"clip": "light+lr1e-3", "siglip": "light+bias-auto"}
+RECIPE_KNOBS = {"clip": "light+lr1e-3", "siglip": "light+bias-auto+lr1e-3"}
 # One knob at a time on top of today's default (what each contributes to the recipe).
 KNOBS = {
     "lr1e-3-wd0.1": ("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup_steps=50"),
