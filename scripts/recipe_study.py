@@ -95,6 +95,15 @@ KNOBS_FOR = {  # knobs that exist for one loss only
 }
 
 
+def on_default(knobs: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """`LOSS+NAME` -> today's default for that loss plus the overrides, for each loss the knob exists for."""
+    return {
+        f"{loss}+{name}": DEFAULT[loss] + overrides
+        for loss, (name, overrides) in itertools.product(("clip", "siglip"), knobs.items())
+        if loss in KNOBS_FOR.get(name, {loss})
+    }
+
+
 def variants(selection: str) -> dict[str, tuple[str, ...]]:
     """name -> overrides. `core`: default and recipe for both losses, and the recipe at half the steps;
     `knobs`: `core` plus each knob alone on today's default; or a comma-separated list of names."""
@@ -107,14 +116,10 @@ def variants(selection: str) -> dict[str, tuple[str, ...]]:
             table[f"{loss}-recipe-half"] = RECIPE[loss] + ("train.steps=300",)
     if selection == "core":
         return table
-    for loss, (knob, overrides) in itertools.product(("clip", "siglip"), KNOBS.items()):
-        if loss in KNOBS_FOR.get(knob, {loss}):
-            table[f"{loss}+{knob}"] = DEFAULT[loss] + overrides
+    table.update(on_default(KNOBS))
     if selection == "knobs":
         return table
-    for loss, (combo, overrides) in itertools.product(("clip", "siglip"), COMBOS.items()):
-        if loss in KNOBS_FOR.get(combo, {loss}):
-            table[f"{loss}+{combo}"] = DEFAULT[loss] + overrides
+    table.update(on_default(COMBOS))
     names = selection.split(",")
     unknown = sorted(set(names) - set(table))
     if unknown:
