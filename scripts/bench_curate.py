@@ -129,6 +129,14 @@ def train(
     }
 
 
+def score(work: Path, model: str, noisy: Path, out: Path) -> float:
+    """`clipkit score` of the noisy shards by `model` (a finished folder is resumed: nothing to redo)."""
+    return run(
+        [sys.executable, "-m", "clipkit", "score", "--model", model, "--images", str(noisy), "--out", str(out),
+         "--workers", "1", "--no-progress"], work / "log.txt",
+    )  # fmt: skip
+
+
 def summarise(runs: list[dict]) -> dict:
     table = {}
     for name in dict.fromkeys(r["run"] for r in runs):
@@ -155,6 +163,20 @@ def main() -> None:
         type=int,
         default=None,
         help="train a separate scorer for this many steps (default: the scorer is the all run)",
+    )
+    parser.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="clipkit filter --neighbours K: rank by the neighbour score (run named topF-nnK; default 0: CLIP score)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="score again with the model trained on the kept subset, filter and train again, this many times in "
+        "all (default: 1; run k is named topF-rk)",
     )
     parser.add_argument("--warmup", type=int, default=100, help="optim.warmup_steps")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -189,21 +211,30 @@ def experiment(work: Path, args) -> dict:
             runs.append(scorer)
             tag = f"-scorer{scorer_steps}"
         scores = work / f"scores-seed{seed}{tag}"
-        score_s = run(
-            [sys.executable, "-m", "clipkit", "score", "--model", scorer["run_dir"], "--images", str(noisy),
-             "--out", str(scores), "--workers", "1", "--no-progress"], work / "log.txt",
-        )  # fmt: skip
+        score_s = score(work, scorer["run_dir"], noisy, scores)
         for fraction in args.fractions:
-            keys = work / f"keys-seed{seed}{tag}-top{fraction:g}.txt"
-            filter_s = run(
-                [sys.executable, "-m", "clipkit", "filter", "--scores", str(scores), "--top-fraction", str(fraction),
-                 "--out", str(keys)], work / "log.txt",
-            )  # fmt: skip
-            kept = set(line.split("#", 1)[1] for line in keys.read_text().splitlines())
-            precision = len(kept & set(true_keys)) / len(kept)
-            timings.append({"seed": seed, "fraction": fraction, "score_s": score_s, "filter_s": filter_s})
-            result = train(work, f"top{fraction:g}{tag}", seed, args, noisy, keys)
-            runs.append({**result, "kept": len(kept), "kept_true_fraction": round(precision, 4)})
+            ranked = f"-nn{args.neighbours}" if args.neighbours else ""
+            name, round_scores, previous = f"top{fraction:g}{tag}{ranked}", scores, None
+            for round_ in range(1, args.rounds + 1):
+                if round_ > 1:  # score again with the model the previous round trained on its kept subset
+                    name = f"top{fraction:g}{tag}{ranked}-r{round_}"
+                    round_scores = work / f"scores-seed{seed}-{name}"
+                    score(work, previous, noisy, round_scores)
+                keys = work / f"keys-seed{seed}-{name}.txt"
+                filter_s = run(
+                    [sys.executable, "-m", "clipkit", "filter", "--scores", str(round_scores), "--top-fraction",
+                     str(fraction), "--out", str(keys),
+                     *(["--neighbours", str(args.neighbours)] if args.neighbours else [])], work / "log.txt",
+                )  # fmt: skip
+                kept = set(line.split("#", 1)[1] for line in keys.read_text().splitlines())
+                precision = len(kept & set(true_keys)) / len(kept)
+                if round_ == 1:
+                    timings.append(
+                        {"seed": seed, "fraction": fraction, "score_s": score_s, "filter_s": filter_s}
+                    )
+                result = train(work, name, seed, args, noisy, keys)
+                runs.append({**result, "kept": len(kept), "kept_true_fraction": round(precision, 4)})
+                previous = result["run_dir"]
         runs.append(train(work, "oracle", seed, args, noisy, oracle))
     table = summarise(runs)
     gap = table["oracle"]["mean"] - table["all"]["mean"]
@@ -227,6 +258,8 @@ def experiment(work: Path, args) -> dict:
         "scorer": f"the tiny model trained on all noisy samples for {scorer_steps} steps (same seed), then "
         "clipkit score / clipkit filter",
         "scorer_steps": scorer_steps,
+        "rounds": args.rounds,
+        "neighbours": args.neighbours,
         "samples": samples,
         "noise": args.noise,
         "true_captions": len(true_keys),

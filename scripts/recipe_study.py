@@ -83,6 +83,20 @@ COMBOS = {
     "light+bias-auto": ("data.augmentation=light", "loss.init_logit_bias=auto"),
     "light+bias-auto+lr1e-3": ("data.augmentation=light", "loss.init_logit_bias=auto", "optim.lr=1e-3"),
     "light+bias-auto+ema": ("data.augmentation=light", "loss.init_logit_bias=auto", "train.ema_decay=0.995"),
+    # Screened for SigLIP on shapes-2k, where light + bias auto + lr 1e-3 stays ~8 points under CLIP:
+    "light+bias-auto+lr2e-3": ("data.augmentation=light", "loss.init_logit_bias=auto", "optim.lr=2e-3"),
+    "light+bias-auto+lr1e-3+t0.07": (  # CLIP's start scale (1/0.07) instead of SigLIP's 10
+        "data.augmentation=light",
+        "loss.init_logit_bias=auto",
+        "optim.lr=1e-3",
+        "loss.init_logit_scale=2.659260036932778",
+    ),  # fmt: skip
+    "light+bias-auto+lr1e-3+cc": (  # constant lr, linear cooldown over the last steps
+        "data.augmentation=light",
+        "loss.init_logit_bias=auto",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+    ),  # fmt: skip
 }
 KNOBS_FOR = {  # knobs that exist for one loss only
     "label-smoothing-0.1": {"clip"},
@@ -92,6 +106,9 @@ KNOBS_FOR = {  # knobs that exist for one loss only
     "light+bias-auto": {"siglip"},
     "light+bias-auto+ema": {"siglip"},
     "light+bias-auto+lr1e-3": {"siglip"},
+    "light+bias-auto+lr2e-3": {"siglip"},
+    "light+bias-auto+lr1e-3+t0.07": {"siglip"},
+    "light+bias-auto+lr1e-3+cc": {"siglip"},
 }
 
 

@@ -337,14 +337,35 @@ def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went
     }
 
 
+def test_filter_by_neighbour_score_ranks_and_plots_by_it(scored, tmp_path, capsys):
+    from clipkit.curate.neighbours import neighbour_scores
+    from clipkit.curate.score import read_text_vectors
+
+    out = tmp_path / "keys.txt"
+    common = ["--scores", str(scored / "scores"), "--top-fraction", "0.5", "--neighbours", "3"]
+    result = run_filter(capsys, *common, "--min", "neighbour_score=-1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not in the top 0.5 by neighbour_score" in result.stdout
+    collection = read_scores(scored / "scores")
+    scores = neighbour_scores(collection.image_vectors, read_text_vectors(collection), 3)
+    assert np.isnan(scores).sum() == 1  # the sample without a caption
+    names = collection.uris
+    ranked = sorted(range(12), key=lambda i: (-(scores[i] if np.isfinite(scores[i]) else -np.inf), names[i]))
+    assert out.read_text().splitlines() == [names[i] for i in sorted(ranked[:6])]
+    summary = json.loads((tmp_path / "keys.txt.summary" / "summary.json").read_text())
+    assert summary["rule"]["score_column"] == "neighbour_score" and summary["rule"]["neighbours"] == 3
+    assert summary["score_cut"] == pytest.approx(scores[ranked[5]])
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--min", "aesthetic=5"], "names column 'aesthetic', which the scores do not have"),
         (["--min-score", "2"], "keeps none of the 12 samples"),
         (["--model", "tiny", "--top-fraction", "0.5"], "was scored by another model"),
+        (["--neighbours", "12", "--top-fraction", "0.5"], "--neighbours must be between 0 and"),
     ],
-    ids=["missing-column", "keeps-nothing", "other-model"],
+    ids=["missing-column", "keeps-nothing", "other-model", "too-many-neighbours"],
 )
 def test_bad_rules_stop_with_one_line_and_write_nothing(scored, tmp_path, capsys, arguments, message):
     for output in (["--out", str(tmp_path / "keys.txt")], ["--reshard", str(tmp_path / "shards")]):

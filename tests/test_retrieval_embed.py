@@ -131,12 +131,12 @@ def test_a_killed_job_restarted_embeds_each_image_once(model_dir, tmp_path):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while len(list((out / "img_emb").glob("*.npy"))) < 2 and time.monotonic() < deadline:
+        while len(list((out / "img_emb").glob("img_emb_*.npy"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
         os.kill(job.pid, signal.SIGKILL)
     finally:
         job.wait()
-    finished_before = {p.name: p.stat().st_mtime_ns for p in (out / "img_emb").glob("*.npy")}
+    finished_before = {p.name: p.stat().st_mtime_ns for p in (out / "img_emb").glob("img_emb_*.npy")}
     assert 2 <= len(finished_before) < 30, "the job was not stopped mid-way"
     assert not json.loads((out / "embeddings.json").read_text())["complete"]
     # What a writer killed between its two renames leaves: a renamed parquet and a temporary .npy.

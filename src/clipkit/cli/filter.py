@@ -3,7 +3,8 @@ training reads (`--out KEYS.txt`, then `clipkit train data.keep_keys=KEYS.txt`) 
 (`--reshard DIR`: the same layout, the image bytes unchanged, the counts in DIR/_info.json).
 
 The rule, applied in this order: bounds on columns (--min-score, caption-length bounds, --min/--max
-COLUMN=VALUE); --top-fraction of the whole collection by CLIP score; --dedup: of each group of near-duplicate
+COLUMN=VALUE); --top-fraction of the whole collection by CLIP score (with --neighbours K, by the
+neighbour score: the caption against its image and the image's K nearest images); --dedup: of each group of near-duplicate
 images (cosine of their embeddings >= THRESHOLD; exact search up to 50,000 images, k-means clusters as SemDeDup
 above), the highest-scoring one is kept, ties by name. A summary of what was removed and why, with pictures
 (score histogram with the cut, samples just above and below it, duplicate groups), goes to --summary
@@ -36,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-fraction", type=float, help="keep this fraction of the collection, highest CLIP score first"
     )
     parser.add_argument("--min-score", type=float, help="keep samples whose CLIP score is at least this")
+    parser.add_argument(
+        "--neighbours",
+        type=int,
+        metavar="K",
+        help="rank by neighbour_score instead of clip_score (--top-fraction, --dedup's keeper): the caption's "
+        "mean CLIP score with its image and the image's K nearest images, which a scorer trained on these very "
+        "pairs cannot raise by having memorised them (10 is a good start; docs/BENCHMARKS.md, Curation)",
+    )
     parser.add_argument(
         "--dedup", type=float, metavar="THRESHOLD", help="remove near-duplicates at this cosine (e.g. 0.95)"
     )
@@ -84,8 +93,15 @@ def rule_from_args(args: argparse.Namespace):
         bounds.append(Bound("caption_length", False, args.max_caption_length))
     bounds += [Bound(column, True, value) for column, value in args.min]
     bounds += [Bound(column, False, value) for column, value in args.max]
+    extra = (
+        {} if args.neighbours is None else {"neighbours": args.neighbours, "score_column": "neighbour_score"}
+    )
     return Rule(
-        bounds=bounds, top_fraction=args.top_fraction, dedup=args.dedup, dedup_center=args.dedup_center
+        bounds=bounds,
+        top_fraction=args.top_fraction,
+        dedup=args.dedup,
+        dedup_center=args.dedup_center,
+        **extra,
     )
 
 
@@ -114,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     rule = rule_from_args(args)
     collection = read_scores(args.scores)
+    if rule.neighbours is not None:
+        from clipkit.curate.neighbours import add_neighbour_score
+
+        add_neighbour_score(collection, rule.neighbours)
     rule.check(list(collection.columns))
     if args.model:
         check_model(collection.manifest["model"], args.model, args.pretrained, args.scores)

@@ -109,15 +109,18 @@ def write_summary(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "summary.json"]
     write_text_atomic(written[0], json.dumps(summary(collection, selection, rule), indent=2) + "\n")
-    scores = collection.columns["clip_score"].astype(np.float64)
-    written.append(plot_score_histogram(scores, selection, out_dir / "scores.png"))
-    written.append(plot_examples_at_cut(collection, selection, out_dir / "examples.png"))
+    column = rule.get("score_column", "clip_score")  # what the cut ranks by
+    scores = collection.columns[column].astype(np.float64)
+    written.append(plot_score_histogram(scores, selection, out_dir / "scores.png", column=column))
+    written.append(plot_examples_at_cut(collection, selection, out_dir / "examples.png", column=column))
     if selection.groups:
         written.append(plot_duplicate_groups(collection, selection.groups, out_dir / "duplicates.png"))
     return written
 
 
-def plot_score_histogram(scores: np.ndarray, selection: Selection, path: Path) -> Path:
+def plot_score_histogram(
+    scores: np.ndarray, selection: Selection, path: Path, *, column: str = "clip_score"
+) -> Path:
     from clipkit.eval.plot import _pyplot, _save
 
     plt = _pyplot()
@@ -128,7 +131,13 @@ def plot_score_histogram(scores: np.ndarray, selection: Selection, path: Path) -
     ax.hist(scores[finite & ~selection.kept], bins=bins, color="tab:red", alpha=0.6, label="removed")
     if selection.cut is not None:
         ax.axvline(selection.cut, color="black", linestyle="--", label=f"cut {selection.cut:.3f}")
-    ax.set_xlabel("CLIP score (cosine of image and caption embeddings)")
+    ax.set_xlabel(
+        "CLIP score (cosine of image and caption embeddings)"
+        if column == "clip_score"
+        else f"{column} (mean CLIP score of the caption with its image and the nearest images)"
+        if column == "neighbour_score"
+        else column
+    )
     ax.set_ylabel("samples")
     ax.set_title(f"kept {int(selection.kept.sum())} of {len(scores)}")
     ax.legend()
@@ -136,14 +145,20 @@ def plot_score_histogram(scores: np.ndarray, selection: Selection, path: Path) -
 
 
 def plot_examples_at_cut(
-    collection: ScoredCollection, selection: Selection, path: Path, *, per_side: int = 6
+    collection: ScoredCollection,
+    selection: Selection,
+    path: Path,
+    *,
+    per_side: int = 6,
+    column: str = "clip_score",
 ) -> Path:
-    """The lowest-scoring kept samples (top row) and the highest-scoring removed ones (bottom row)."""
-    scores = collection.columns["clip_score"].astype(np.float64)
+    """The lowest-scoring kept samples (top row) and the highest-scoring removed ones (bottom row), by `column`."""
+    scores = collection.columns[column].astype(np.float64)
     order = np.argsort(np.where(np.isfinite(scores), scores, -np.inf), kind="stable")
     kept = [i for i in order if selection.kept[i]][:per_side]
     removed = [i for i in order[::-1] if not selection.kept[i]][:per_side]
-    return _image_grid(collection, [("kept, just above", kept), ("removed, just below", removed)], path)
+    rows = [("kept, just above", kept), ("removed, just below", removed)]
+    return _image_grid(collection, rows, path, column=column)
 
 
 def plot_duplicate_groups(
@@ -154,7 +169,13 @@ def plot_duplicate_groups(
     return _image_grid(collection, rows, path)
 
 
-def _image_grid(collection: ScoredCollection, rows: Sequence[tuple[str, Sequence[int]]], path: Path) -> Path:
+def _image_grid(
+    collection: ScoredCollection,
+    rows: Sequence[tuple[str, Sequence[int]]],
+    path: Path,
+    *,
+    column: str = "clip_score",
+) -> Path:
     import io
 
     from PIL import Image
@@ -180,7 +201,7 @@ def _image_grid(collection: ScoredCollection, rows: Sequence[tuple[str, Sequence
             except OSError:
                 pass
             caption = str(columns["caption"][i] or "")[:28]
-            ax.set_title(f"{columns['clip_score'][i]:.4f}\n{caption}", fontsize=7)
+            ax.set_title(f"{columns[column][i]:.4f}\n{caption}", fontsize=7)
         axes[r][0].text(
             -0.1, 0.5, title, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=8
         )

@@ -204,3 +204,16 @@ def read_scores(out_dir: str | Path) -> ScoredCollection:
     dim = int(job.manifest["dim"])
     stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     return ScoredCollection(out_dir, manifest, columns, stacked.astype(np.float32))
+
+
+def read_text_vectors(collection: ScoredCollection) -> np.ndarray:
+    """(N, D) float32 caption embeddings of a collection, row for row with its image vectors (zeros: no caption)."""
+    parts = int(collection.manifest["parts"])
+    vectors = [np.load(text_embedding_file(collection.out_dir, part)) for part in range(parts)]
+    stacked = np.concatenate(vectors) if vectors else np.zeros_like(collection.image_vectors)
+    if stacked.shape != collection.image_vectors.shape:
+        raise ClipkitError(
+            f"{collection.out_dir}/text_emb holds {stacked.shape[0]} caption embeddings for {len(collection)} images; "
+            "rerun `clipkit score` there"
+        )
+    return stacked.astype(np.float32)

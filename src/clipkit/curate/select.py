@@ -41,7 +41,8 @@ class Rule:
     top_fraction: float | None = None
     dedup: float | None = None
     dedup_center: bool = False  # compare embeddings less the collection's mean (`dedup.centered`)
-    score_column: str = SCORE_COLUMN
+    score_column: str = SCORE_COLUMN  # neighbour_score with `neighbours` (clipkit.curate.neighbours)
+    neighbours: int | None = None  # K of the neighbour score (the column is added before selection)
 
     def columns(self) -> list[str]:
         named = [b.column for b in self.bounds]

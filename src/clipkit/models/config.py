@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import yaml
 
 from clipkit.configs import config_dir
@@ -69,6 +68,8 @@ class ModelConfig:
     def to_open_clip_cfg(self) -> dict[str, Any]:
         """The open_clip `model_cfg` dict (embed_dim, vision_cfg, text_cfg, ...) this config describes."""
         if self.arch is not None:
+            import open_clip  # ~8 s with torch: only where an architecture is looked up
+
             base = open_clip.get_model_config(self.arch)
             if base is None:
                 raise ClipkitError(
