@@ -56,8 +56,8 @@ DATASETS = {
 DEFAULT = {"clip": ("loss=clip",), "siglip": ("loss=siglip",)}
 RECIPE = {"clip": ("experiment=scratch-clip-small",), "siglip": ("experiment=scratch-siglip-small",)}
 # What each recipe sets, as the knob combination screened below (a test holds the two equal): the study's
-# `clip+light+lr1e-3` runs are `clip-recipe` runs.
-RECIPE_KNOBS = {"clip": "light+lr1e-3", "siglip": "light+bias-auto+lr1e-3"}
+# `clip+light+lr1e-3+cc` runs are `clip-recipe` runs.
+RECIPE_KNOBS = {"clip": "light+lr1e-3+cc", "siglip": "light+bias-auto+lr1e-3+cc"}
 # One knob at a time on top of today's default (what each contributes to the recipe).
 KNOBS = {
     "lr1e-3-wd0.1": ("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup_steps=50"),
@@ -91,6 +91,13 @@ COMBOS = {
         "optim.lr=1e-3",
         "loss.init_logit_scale=2.659260036932778",
     ),  # fmt: skip
+    "light+lr1e-3+cc": ("data.augmentation=light", "optim.lr=1e-3", "optim.schedule=constant_cooldown"),
+    "light+lr1e-3+cc+half": (
+        "data.augmentation=light",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "train.steps=300",
+    ),
     "light+bias-auto+lr1e-3+cc": (  # constant lr, linear cooldown over the last steps
         "data.augmentation=light",
         "loss.init_logit_bias=auto",
@@ -109,6 +116,8 @@ KNOBS_FOR = {  # knobs that exist for one loss only
     "light+bias-auto+lr2e-3": {"siglip"},
     "light+bias-auto+lr1e-3+t0.07": {"siglip"},
     "light+bias-auto+lr1e-3+cc": {"siglip"},
+    "light+lr1e-3+cc": {"clip"},
+    "light+lr1e-3+cc+half": {"clip"},
 }
 
 

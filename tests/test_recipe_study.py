@@ -57,6 +57,7 @@ def test_the_recipes_set_their_knobs_and_leave_model_data_and_budget_to_the_user
                              "train.steps=7")  # fmt: skip
         assert cfg.loss._target_ == f"clipkit.losses.{loss}"
         assert cfg.data.augmentation == "light"
+        assert (cfg.optim.lr, cfg.optim.schedule) == (1e-3, "constant_cooldown")
         assert (cfg.data.generate.name, cfg.data.batch_size, cfg.train.steps) == ("digits", 32, 7)
         assert cfg.output_dir is None  # a sweep or a second recipe run gets its own directory
     assert compose_config("experiment=scratch-siglip-small").loss.init_logit_bias == "auto"
