@@ -93,15 +93,12 @@ def rule_from_args(args: argparse.Namespace):
         bounds.append(Bound("caption_length", False, args.max_caption_length))
     bounds += [Bound(column, True, value) for column, value in args.min]
     bounds += [Bound(column, False, value) for column, value in args.max]
-    extra = (
-        {} if args.neighbours is None else {"neighbours": args.neighbours, "score_column": "neighbour_score"}
-    )
     return Rule(
         bounds=bounds,
         top_fraction=args.top_fraction,
         dedup=args.dedup,
         dedup_center=args.dedup_center,
-        **extra,
+        neighbours=args.neighbours,
     )
 
 

@@ -21,24 +21,20 @@ import math
 import numpy as np
 
 from clipkit.curate.dedup import EXACT_LIMIT
+from clipkit.curate.select import NEIGHBOUR_COLUMN
 from clipkit.errors import ClipkitError
 
-COLUMN = "neighbour_score"
 _CHUNK = 8192  # rows per block of the neighbour sum
 
 
 def nearest_images(
     vectors: np.ndarray, k: int, *, exact_limit: int = EXACT_LIMIT, probe: int = 16, seed: int = 0
 ) -> np.ndarray:
-    """(N, k) indices of each row's k nearest other rows by inner product, nearest first."""
+    """(N, k) indices of each row's k nearest other rows by inner product, nearest first (0 < k < N)."""
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     count, dim = vectors.shape
-    if not 0 < k < count:
-        raise ClipkitError(
-            f"--neighbours must be between 0 and the collection's size less one ({count - 1}), got {k}"
-        )
     if count <= exact_limit:
         index = faiss.IndexFlatIP(dim)
     else:
@@ -66,8 +62,10 @@ def neighbour_scores(
     texts = np.asarray(text_vectors, dtype=np.float32)
     if images.shape != texts.shape:
         raise ClipkitError(f"image and caption embeddings differ in shape: {images.shape} vs {texts.shape}")
-    if k < 0:
-        raise ClipkitError(f"--neighbours must be between 0 and the collection's size less one, got {k}")
+    if not 0 <= k < len(images):
+        raise ClipkitError(
+            f"--neighbours must be between 0 and the collection's size less one ({len(images) - 1}), got {k}"
+        )
     own = np.einsum("nd,nd->n", images, texts, dtype=np.float64)
     if k == 0:
         total = own
@@ -86,4 +84,6 @@ def add_neighbour_score(collection, k: int) -> None:
     """Add the `neighbour_score` column to a ScoredCollection (its caption embeddings read from text_emb/)."""
     from clipkit.curate.score import read_text_vectors
 
-    collection.columns[COLUMN] = neighbour_scores(collection.image_vectors, read_text_vectors(collection), k)
+    collection.columns[NEIGHBOUR_COLUMN] = neighbour_scores(
+        collection.image_vectors, read_text_vectors(collection), k
+    )

@@ -109,13 +109,19 @@ def write_summary(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "summary.json"]
     write_text_atomic(written[0], json.dumps(summary(collection, selection, rule), indent=2) + "\n")
-    column = rule.get("score_column", "clip_score")  # what the cut ranks by
+    column = rule["score_column"]  # what the cut ranks by
     scores = collection.columns[column].astype(np.float64)
     written.append(plot_score_histogram(scores, selection, out_dir / "scores.png", column=column))
     written.append(plot_examples_at_cut(collection, selection, out_dir / "examples.png", column=column))
     if selection.groups:
         written.append(plot_duplicate_groups(collection, selection.groups, out_dir / "duplicates.png"))
     return written
+
+
+SCORE_LABELS = {
+    "clip_score": "CLIP score (cosine of image and caption embeddings)",
+    "neighbour_score": "neighbour_score (mean CLIP score of the caption with its image and the nearest images)",
+}
 
 
 def plot_score_histogram(
@@ -131,13 +137,7 @@ def plot_score_histogram(
     ax.hist(scores[finite & ~selection.kept], bins=bins, color="tab:red", alpha=0.6, label="removed")
     if selection.cut is not None:
         ax.axvline(selection.cut, color="black", linestyle="--", label=f"cut {selection.cut:.3f}")
-    ax.set_xlabel(
-        "CLIP score (cosine of image and caption embeddings)"
-        if column == "clip_score"
-        else f"{column} (mean CLIP score of the caption with its image and the nearest images)"
-        if column == "neighbour_score"
-        else column
-    )
+    ax.set_xlabel(SCORE_LABELS.get(column, column))
     ax.set_ylabel("samples")
     ax.set_title(f"kept {int(selection.kept.sum())} of {len(scores)}")
     ax.legend()

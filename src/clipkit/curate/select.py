@@ -22,6 +22,7 @@ from clipkit.curate.score import ScoredCollection
 from clipkit.errors import ClipkitError
 
 SCORE_COLUMN = "clip_score"
+NEIGHBOUR_COLUMN = "neighbour_score"  # clipkit.curate.neighbours
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class Rule:
     top_fraction: float | None = None
     dedup: float | None = None
     dedup_center: bool = False  # compare embeddings less the collection's mean (`dedup.centered`)
-    score_column: str = SCORE_COLUMN  # neighbour_score with `neighbours` (clipkit.curate.neighbours)
     neighbours: int | None = None  # K of the neighbour score (the column is added before selection)
+    score_column: str = field(init=False)  # what --top-fraction and --dedup's keeper rank by
+
+    def __post_init__(self) -> None:
+        self.score_column = SCORE_COLUMN if self.neighbours is None else NEIGHBOUR_COLUMN
 
     def columns(self) -> list[str]:
         named = [b.column for b in self.bounds]

@@ -7,10 +7,8 @@ The stream and the shard reader load torch and webdataset; they are imported on 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from clipkit.data.config import DataConfig
+from clipkit.lazy import lazy_getattr
 
 # name -> the module that defines it, imported when the name is first used (PEP 562).
 _LAZY = {
@@ -24,7 +22,4 @@ _LAZY = {
 __all__ = ["DataConfig", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'clipkit.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -7,9 +7,7 @@ that composing and checking a config (`clipkit train --cfg job`, a misspelled ke
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from clipkit.lazy import lazy_getattr
 from clipkit.models.config import ModelConfig, list_model_configs, load_model_config
 
 # name -> the module that defines it, imported when the name is first used (PEP 562).
@@ -31,7 +29,4 @@ _LAZY = {
 __all__ = ["ModelConfig", "list_model_configs", "load_model_config", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'clipkit.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,8 +5,7 @@ Names are imported on first use (PEP 562), so `clipkit.serve.config` (the CLI's 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipkit.lazy import lazy_getattr
 
 # name -> the module that defines it.
 _LAZY = {
@@ -22,7 +21,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'clipkit.serve' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -6,15 +6,11 @@ do, so that composing and checking the config (`--cfg job`, a misspelled key) an
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipkit.lazy import lazy_getattr
 
 _LAZY = {"Trainer": "clipkit.train.loop", "run": "clipkit.train.loop"}
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'clipkit.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
