@@ -337,6 +337,22 @@ def test_filter_top_fraction_keeps_the_highest_scores_and_says_why_the_rest_went
     }
 
 
+def test_filter_by_neighbour_score_without_caption_embeddings_stops_with_one_line(scored, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "scores"
+    shutil.copytree(scored / "scores", broken)
+    (broken / "text_emb" / "text_emb_0001.npy").write_bytes(b"not an array")
+    out = tmp_path / "keys.txt"
+    result = run_filter(
+        capsys, "--scores", str(broken), "--top-fraction", "0.5", "--neighbours", "3", "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert "text_emb cannot be read" in result.stderr and "rerun `clipkit score`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() and not (tmp_path / "keys.txt.summary").exists()
+
+
 def test_filter_by_neighbour_score_ranks_and_plots_by_it(scored, tmp_path, capsys):
     from clipkit.curate.neighbours import neighbour_scores
     from clipkit.curate.score import read_text_vectors

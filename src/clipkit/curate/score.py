@@ -209,7 +209,12 @@ def read_scores(out_dir: str | Path) -> ScoredCollection:
 def read_text_vectors(collection: ScoredCollection) -> np.ndarray:
     """(N, D) float32 caption embeddings of a collection, row for row with its image vectors (zeros: no caption)."""
     parts = int(collection.manifest["parts"])
-    vectors = [np.load(text_embedding_file(collection.out_dir, part)) for part in range(parts)]
+    try:  # allow_pickle stays off: a hostile .npy cannot run code
+        vectors = [np.load(text_embedding_file(collection.out_dir, part)) for part in range(parts)]
+    except (OSError, ValueError) as error:
+        raise ClipkitError(
+            f"{collection.out_dir}/text_emb cannot be read ({error}); rerun `clipkit score` there"
+        ) from None
     stacked = np.concatenate(vectors) if vectors else np.zeros_like(collection.image_vectors)
     if stacked.shape != collection.image_vectors.shape:
         raise ClipkitError(
