@@ -104,6 +104,55 @@ COMBOS = {
         "optim.lr=1e-3",
         "optim.schedule=constant_cooldown",
     ),  # fmt: skip
+    # Screened for SigLIP's gap on shapes-2k and for the half-steps check (seed 0 first):
+    "light+bias-auto+lr1e-3+cc+s5": (  # SigLIP's scale starting at 5 instead of 10
+        "data.augmentation=light",
+        "loss.init_logit_bias=auto",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "loss.init_logit_scale=1.6094379124341003",
+    ),  # fmt: skip
+    "light+bias-auto+lr1e-3+cc+wd0.05": (
+        "data.augmentation=light",
+        "loss.init_logit_bias=auto",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "optim.weight_decay=0.05",
+    ),  # fmt: skip
+    "light+bias-auto+lr1e-3+cc+wu30": (
+        "data.augmentation=light",
+        "loss.init_logit_bias=auto",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "optim.warmup_steps=30",
+    ),  # fmt: skip
+    "light+lr1e-3+cc+half+wu30": (
+        "data.augmentation=light",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "train.steps=300",
+        "optim.warmup_steps=30",
+    ),  # fmt: skip
+    "light+lr2e-3+cc+half+wu30": (
+        "data.augmentation=light",
+        "optim.lr=2e-3",
+        "optim.schedule=constant_cooldown",
+        "train.steps=300",
+        "optim.warmup_steps=30",
+    ),  # fmt: skip
+    "light+lr1e-3+cc+half+s30": (  # CLIP's scale starting at 30 (temperature 0.033) instead of 1/0.07
+        "data.augmentation=light",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "train.steps=300",
+        "loss.init_logit_scale=3.4011973816621555",
+    ),  # fmt: skip
+    "none+lr1e-3+cc+half": (
+        "data.augmentation=none",
+        "optim.lr=1e-3",
+        "optim.schedule=constant_cooldown",
+        "train.steps=300",
+    ),  # fmt: skip
 }
 KNOBS_FOR = {  # knobs that exist for one loss only
     "label-smoothing-0.1": {"clip"},
@@ -118,6 +167,13 @@ KNOBS_FOR = {  # knobs that exist for one loss only
     "light+bias-auto+lr1e-3+cc": {"siglip"},
     "light+lr1e-3+cc": {"clip"},
     "light+lr1e-3+cc+half": {"clip"},
+    "light+bias-auto+lr1e-3+cc+s5": {"siglip"},
+    "light+bias-auto+lr1e-3+cc+wd0.05": {"siglip"},
+    "light+bias-auto+lr1e-3+cc+wu30": {"siglip"},
+    "light+lr1e-3+cc+half+wu30": {"clip"},
+    "light+lr2e-3+cc+half+wu30": {"clip"},
+    "light+lr1e-3+cc+half+s30": {"clip"},
+    "none+lr1e-3+cc+half": {"clip"},
 }
 
 

@@ -38,7 +38,7 @@ def test_every_study_run_composes_with_its_knob_set():
     assert study.variants(",".join(combos)) == combos  # each is runnable by name
     for name, overrides in combos.items():
         cfg = compose_config(*study.BUDGET, *study.DATASETS["shapes-2k"], *overrides)
-        assert cfg.data.augmentation == "light", name
+        assert cfg.data.augmentation == name.split("+")[1], name  # every combo names its preset first
         assert cfg.loss._target_.endswith("SigLipLoss" if name.startswith("siglip") else "ClipLoss"), name
 
 
