@@ -73,6 +73,9 @@ KNOBS = {
     "bias-auto": ("loss.init_logit_bias=auto",),
     "templates": ('data.caption_templates=["a photo of {}","{}","an image of {}"]',),
 }
+# The recipes' knobs (a later override of the same key wins, as on the command line).
+_CLIP_CC = ("data.augmentation=light", "optim.lr=1e-3", "optim.schedule=constant_cooldown")
+_SIGLIP_CC = _CLIP_CC + ("loss.init_logit_bias=auto",)
 # Knob combinations screened for the recipes (run only when named: `--variants clip+light+ema,...`).
 COMBOS = {
     "light+ls0.1": ("data.augmentation=light", "loss.label_smoothing=0.1"),
@@ -104,55 +107,16 @@ COMBOS = {
         "optim.lr=1e-3",
         "optim.schedule=constant_cooldown",
     ),  # fmt: skip
-    # Screened for SigLIP's gap on shapes-2k and for the half-steps check (seed 0 first):
-    "light+bias-auto+lr1e-3+cc+s5": (  # SigLIP's scale starting at 5 instead of 10
-        "data.augmentation=light",
-        "loss.init_logit_bias=auto",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "loss.init_logit_scale=1.6094379124341003",
-    ),  # fmt: skip
-    "light+bias-auto+lr1e-3+cc+wd0.05": (
-        "data.augmentation=light",
-        "loss.init_logit_bias=auto",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "optim.weight_decay=0.05",
-    ),  # fmt: skip
-    "light+bias-auto+lr1e-3+cc+wu30": (
-        "data.augmentation=light",
-        "loss.init_logit_bias=auto",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "optim.warmup_steps=30",
-    ),  # fmt: skip
-    "light+lr1e-3+cc+half+wu30": (
-        "data.augmentation=light",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "train.steps=300",
-        "optim.warmup_steps=30",
-    ),  # fmt: skip
-    "light+lr2e-3+cc+half+wu30": (
-        "data.augmentation=light",
-        "optim.lr=2e-3",
-        "optim.schedule=constant_cooldown",
-        "train.steps=300",
-        "optim.warmup_steps=30",
-    ),  # fmt: skip
-    "light+lr1e-3+cc+half+s30": (  # CLIP's scale starting at 30 (temperature 0.033) instead of 1/0.07
-        "data.augmentation=light",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "train.steps=300",
-        "loss.init_logit_scale=3.4011973816621555",
-    ),  # fmt: skip
-    "none+lr1e-3+cc+half": (
-        "data.augmentation=none",
-        "optim.lr=1e-3",
-        "optim.schedule=constant_cooldown",
-        "train.steps=300",
-    ),  # fmt: skip
+    # Screened for SigLIP's gap on shapes-2k and for the half-steps check (seed 0 first), on top of the recipes:
+    # SigLIP's scale starting at 5 instead of 10:
+    "light+bias-auto+lr1e-3+cc+s5": _SIGLIP_CC + ("loss.init_logit_scale=1.6094379124341003",),
+    "light+bias-auto+lr1e-3+cc+wd0.05": _SIGLIP_CC + ("optim.weight_decay=0.05",),
+    "light+bias-auto+lr1e-3+cc+wu30": _SIGLIP_CC + ("optim.warmup_steps=30",),
+    "light+lr1e-3+cc+half+wu30": _CLIP_CC + ("train.steps=300", "optim.warmup_steps=30"),
+    "light+lr2e-3+cc+half+wu30": _CLIP_CC + ("train.steps=300", "optim.warmup_steps=30", "optim.lr=2e-3"),
+    # CLIP's scale starting at 30 (temperature 0.033) instead of 1/0.07:
+    "light+lr1e-3+cc+half+s30": _CLIP_CC + ("train.steps=300", "loss.init_logit_scale=3.4011973816621555"),
+    "none+lr1e-3+cc+half": _CLIP_CC + ("train.steps=300", "data.augmentation=none"),
 }
 KNOBS_FOR = {  # knobs that exist for one loss only
     "label-smoothing-0.1": {"clip"},
