@@ -442,7 +442,9 @@ def write_augmented_digits(folder: Path, count: int) -> Path:
         image = Image.fromarray((255 * (1 - ink)).astype(np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)
         image.convert("RGB").save(folder / f"{labels[j]}_{i:05d}.png")
         template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]  # as the digits dataset does
-        (folder / f"{labels[j]}_{i:05d}.txt").write_text(template.format(name=CLASSNAMES[labels[j]], numeral=labels[j]))
+        (folder / f"{labels[j]}_{i:05d}.txt").write_text(
+            template.format(name=CLASSNAMES[labels[j]], numeral=labels[j])
+        )
     return folder
 
 

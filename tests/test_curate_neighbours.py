@@ -45,7 +45,9 @@ def test_the_neighbour_score_matches_a_float64_brute_force_and_k_0_is_the_clip_s
         assert np.isnan(got[7])
         np.testing.assert_allclose(np.delete(got, 7), np.delete(want, 7), atol=1e-6)
     clip = np.einsum("nd,nd->n", images.astype(np.float64), texts.astype(np.float64))
-    np.testing.assert_allclose(np.delete(neighbour_scores(images, texts, 0), 7), np.delete(clip, 7), atol=1e-6)
+    np.testing.assert_allclose(
+        np.delete(neighbour_scores(images, texts, 0), 7), np.delete(clip, 7), atol=1e-6
+    )
 
 
 def test_an_exact_copy_is_a_neighbour_and_a_row_never_its_own():

@@ -319,7 +319,9 @@ def test_tuning_queries_are_the_collections_captions_encoded_by_its_model(model_
     finally:
         index.close()
     recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
-    assert by_queries["30 captions of the collection, encoded by its model"] == pytest.approx(recall, abs=0.0034)
+    assert by_queries["30 captions of the collection, encoded by its model"] == pytest.approx(
+        recall, abs=0.0034
+    )
 
     # From embeddings, the model the embeddings name encodes the captions; without captions, the stand-in.
     assert run_clipkit("embed", "--model", str(model_dir), "--images", str(captioned), "--out",
@@ -330,7 +332,8 @@ def test_tuning_queries_are_the_collections_captions_encoded_by_its_model(model_
     assert read_manifest(tmp_path / "from_emb")["tuning"]["recall_at_10_by_queries"] == by_queries
     build_index(bare, tmp_path / "bare_idx", model=model_dir, kind="hnsw")
     assert set(read_manifest(tmp_path / "bare_idx")["tuning"]["recall_at_10_by_queries"]) == {
-        "indexed, held out", "70 degrees off the collection"
+        "indexed, held out",
+        "70 degrees off the collection",
     }
 
 

@@ -115,7 +115,9 @@ def precision_at_10(client, labels, query: str, digit: int) -> float:
 def training_summary(digits_run) -> str:
     """The trained model's final evaluation, for failure messages: a weak model fails here, not the server."""
     lines = (digits_run.run_dir / "metrics.jsonl").read_text().splitlines()
-    return next((line for line in reversed(lines) if "zeroshot/acc1" in line), "no evaluation in metrics.jsonl")
+    return next(
+        (line for line in reversed(lines) if "zeroshot/acc1" in line), "no evaluation in metrics.jsonl"
+    )
 
 
 def test_a_text_query_finds_the_digit_it_names(server, labels, digits_run):

@@ -371,7 +371,9 @@ def test_lit_freezes_the_image_tower_and_grad_checkpointing_changes_nothing(tmp_
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
-def test_bf16_features_reach_the_loss_in_bf16_with_and_without_accumulation(tmp_path, monkeypatch, accum_steps):
+def test_bf16_features_reach_the_loss_in_bf16_with_and_without_accumulation(
+    tmp_path, monkeypatch, accum_steps
+):
     # What the loss gets is what crosses its all-gather / ring exchange between processes: the towers' bf16
     # features (half the bytes), not float32 copies (Accelerate's prepare converts outputs to float32).
     from clipkit.losses.base import ContrastiveLoss

@@ -62,7 +62,9 @@ def _choose_weights(bundle, args: argparse.Namespace) -> None:
     source = Path(args.source)
     if args.ema:
         if args.pretrained is not None or not source.is_dir():
-            raise ClipkitError("--ema reads a training checkpoint directory (RUN/checkpoints/step_N) as SOURCE")
+            raise ClipkitError(
+                "--ema reads a training checkpoint directory (RUN/checkpoints/step_N) as SOURCE"
+            )
         # The EMA averages the parameters; buffers (if the model keeps any) stay as the checkpoint has them.
         state = {**bundle.model.state_dict(), **read_ema_weights(source)}
         load_state_dict_into(bundle.model, state, origin=f"{source} (EMA)")

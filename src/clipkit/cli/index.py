@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images", metavar="SOURCE", help="image folder, shards, or a table (CSV, JSONL, Parquet)"
     )
     inputs.add_argument(
-        "--from-embeddings", metavar="DIR", help="embeddings written by `clipkit embed` or `clip-retrieval inference`"
+        "--from-embeddings",
+        metavar="DIR",
+        help="embeddings written by `clipkit embed` or `clip-retrieval inference`",
     )
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     build.add_argument(
@@ -81,7 +83,9 @@ def add_encoding_options(parser: argparse.ArgumentParser) -> None:
         help="decoding processes per process (0: decode in the process itself)",
     )
     parser.add_argument(
-        "--device", default=None, help="cuda, cuda:1, cpu (default: this process's GPU when there is one, else cpu)"
+        "--device",
+        default=None,
+        help="cuda, cuda:1, cpu (default: this process's GPU when there is one, else cpu)",
     )
     parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default: fp32)"

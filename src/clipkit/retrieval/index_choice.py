@@ -167,7 +167,9 @@ def tune_search(
         away = rng.standard_normal(sources.shape).astype(np.float32)
         away -= (away * sources).sum(1, keepdims=True) * sources  # orthogonal to its source
         away /= np.linalg.norm(away, axis=1, keepdims=True)
-        off = np.cos(OFF_ANGLE) * sources + np.sin(OFF_ANGLE) * away  # unit vectors, cosine 0.34 to their source
+        off = (
+            np.cos(OFF_ANGLE) * sources + np.sin(OFF_ANGLE) * away
+        )  # unit vectors, cosine 0.34 to their source
         off_name = "70 degrees off the collection"
     query_vectors = np.ascontiguousarray(np.concatenate([near, off]), dtype=np.float32)  # (Q, D)
     held_out = np.concatenate([chosen[: len(near)], np.full(len(off), -1)])  # -1: no row of its own
@@ -238,7 +240,9 @@ def caption_queries(encoder, captions, *, limit: int = 500, seed: int = 0) -> np
     if len(distinct) < MIN_CAPTION_QUERIES:
         return None
     rng = np.random.default_rng(seed)
-    drawn = [distinct[i] for i in sorted(rng.choice(len(distinct), size=min(limit, len(distinct)), replace=False))]
+    drawn = [
+        distinct[i] for i in sorted(rng.choice(len(distinct), size=min(limit, len(distinct)), replace=False))
+    ]
     encoded = [encoder.encode_texts(drawn[i : i + 128]) for i in range(0, len(drawn), 128)]
     return np.ascontiguousarray(np.concatenate(encoded), dtype=np.float32)
 
