@@ -4,8 +4,13 @@ here, not an hour into the study)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from clipkit.train.schema import compose_config
 from conftest import REPO_ROOT
@@ -83,3 +88,23 @@ def test_list_prints_every_run_without_running_one(tmp_path):
         == len(study.DATASETS) * 2
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_raw_weights_of_an_ema_run_are_scored_as_the_run_scores_its_model(tmp_path):
+    # With train.ema_decay=0 the average is the final weights, so model/ (the average, scored by the run at its
+    # last step) and model-raw/ (scored by the study through `clipkit zeroshot`) must score the same.
+    study = load_study()
+    data_dir, run_dir = tmp_path / "digits", tmp_path / "run"
+    overrides = ("model=tiny", "data=digits", f"data.generate.dir={data_dir}", "data.batch_size=32",
+                 "train.steps=6", "train.eval_every=0", "train.checkpoint_every=100000", "train.ema_decay=0.0",
+                 f"output_dir={run_dir}")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    subprocess.run(
+        [sys.executable, "-m", "clipkit.train", *overrides], env=env, check=True, capture_output=True
+    )
+    logged = study.final_accuracy(run_dir, 6)
+    assert logged is not None
+    assert study.raw_accuracy(run_dir, data_dir, threads=1) == pytest.approx(logged, abs=1e-9)
+    report = json.loads((run_dir / "zeroshot-raw.json").read_text())  # kept: a resumed study reads it back
+    assert Path(report["model"]) == run_dir / "model-raw"
+    assert study.raw_accuracy(tmp_path / "no-ema", data_dir, threads=1) is None
