@@ -142,6 +142,7 @@ COMBOS = {
     # A shorter average (~50 steps instead of ~200): EMA 0.995 lags a model still learning fast at the end.
     "light+lr1e-3+cc+ema0.98": _CLIP_CC + ("train.ema_decay=0.98",),
     "light+bias-auto+lr1e-3+cc+ema0.98": _SIGLIP_CC + ("train.ema_decay=0.98",),
+    "light+lr1e-3+cc+half+ema0.98": _CLIP_CC + ("train.steps=300", "train.ema_decay=0.98"),
     # SigLIP's logit scale and bias at 10x the towers' lr (the shared parameters take optim.lr):
     "light+bias-auto+lr1e-3+cc+logit-lr1e-2": _SIGLIP_CC
     + ("optim.lr=1e-2", "optim.image_lr=1e-3", "optim.text_lr=1e-3"),
