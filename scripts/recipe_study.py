@@ -213,6 +213,14 @@ def final_accuracy(run_dir: Path, steps: int) -> float | None:
     return None
 
 
+def run_or_exit(command: list[str], threads: int) -> None:
+    """Run a clipkit command as a user would (offline, `threads` torch threads); its stderr tail if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"recipe_study: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
+
+
 def raw_accuracy(run_dir: Path, data_dir: Path, threads: int) -> float | None:
     """With train.ema_decay the run exports the average (evaluated by the run) and the optimizer's own final
     weights beside it (`model-raw/`): their zero-shot top-1 on the same test split, by `clipkit zeroshot`
@@ -228,10 +236,7 @@ def raw_accuracy(run_dir: Path, data_dir: Path, threads: int) -> float | None:
             "--templates", str(data_dir / "zeroshot_classification_templates.txt"), "--no-cache",
             "--output", str(report),
         ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"recipe_study: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        run_or_exit(command, threads)
     return float(json.loads(report.read_text())["metrics"]["acc1"])
 
 
@@ -247,12 +252,10 @@ def run_one(job: dict, *, threads: int) -> dict:
     seconds = None
     if accuracy is None:
         started = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-        command = [sys.executable, "-m", "clipkit.train", *job["overrides"], f"output_dir={run_dir}"]
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        run_or_exit(
+            [sys.executable, "-m", "clipkit.train", *job["overrides"], f"output_dir={run_dir}"], threads
+        )
         seconds = time.perf_counter() - started
-        if result.returncode != 0:
-            raise SystemExit(f"recipe_study: {' '.join(command)} failed:\n{result.stderr[-3000:]}")
         accuracy = final_accuracy(run_dir, steps)
         if accuracy is None:
             raise SystemExit(f"recipe_study: {run_dir}/metrics.jsonl has no zeroshot/acc1 at step {steps}")
@@ -264,26 +267,24 @@ def run_one(job: dict, *, threads: int) -> dict:
     return {**job, "accuracy": accuracy, "raw_accuracy": raw, "seconds": seconds}
 
 
+def summary_row(dataset: str, variant: str, accuracies: list[float]) -> dict:
+    return {
+        "dataset": dataset, "variant": variant, "seeds": len(accuracies), "mean": statistics.fmean(accuracies),
+        "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+        "min": min(accuracies), "max": max(accuracies), "spread": max(accuracies) - min(accuracies),
+    }  # fmt: skip
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for (dataset, variant), group in itertools.groupby(
         sorted(runs, key=lambda r: (r["dataset"], r["variant"])), key=lambda r: (r["dataset"], r["variant"])
     ):
         group = list(group)
-        accuracies = [r["accuracy"] for r in group]
         raw = [r["raw_accuracy"] for r in group if r.get("raw_accuracy") is not None]
         if len(raw) == len(group):  # EMA runs: the optimizer's own weights, as a row of their own
-            rows.append({
-                "dataset": dataset, "variant": f"{variant} [raw weights]", "seeds": len(raw),
-                "mean": statistics.fmean(raw), "std": statistics.stdev(raw) if len(raw) > 1 else None,
-                "min": min(raw), "max": max(raw), "spread": max(raw) - min(raw),
-            })  # fmt: skip
-        rows.append({
-            "dataset": dataset, "variant": variant, "seeds": len(accuracies),
-            "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
-            "min": min(accuracies), "max": max(accuracies), "spread": max(accuracies) - min(accuracies),
-        })  # fmt: skip
+            rows.append(summary_row(dataset, f"{variant} [raw weights]", raw))
+        rows.append(summary_row(dataset, variant, [r["accuracy"] for r in group]))
     return rows
 
 
