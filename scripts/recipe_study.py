@@ -60,7 +60,7 @@ DEFAULT = {"clip": ("loss=clip",), "siglip": ("loss=siglip",)}
 RECIPE = {"clip": ("experiment=scratch-clip-small",), "siglip": ("experiment=scratch-siglip-small",)}
 # What each recipe sets, as the knob combination screened below (a test holds the two equal): the study's
 # `clip+light+lr1e-3+cc` runs are `clip-recipe` runs.
-RECIPE_KNOBS = {"clip": "light+lr1e-3+cc", "siglip": "light+bias-auto+lr1e-3+cc"}
+RECIPE_KNOBS = {"clip": "light+lr1e-3+cc+ema0.98+pd0.1", "siglip": "light+bias-auto+lr1e-3+cc+pd0.25"}
 # One knob at a time on top of today's default (what each contributes to the recipe).
 KNOBS = {
     "lr1e-3-wd0.1": ("optim.lr=1e-3", "optim.weight_decay=0.1", "optim.warmup_steps=50"),
@@ -79,6 +79,13 @@ KNOBS = {
 # The recipes' knobs (a later override of the same key wins, as on the command line).
 _CLIP_CC = ("data.augmentation=light", "optim.lr=1e-3", "optim.schedule=constant_cooldown")
 _SIGLIP_CC = _CLIP_CC + ("loss.init_logit_bias=auto",)
+_EMA = "train.ema_decay=0.98"
+
+
+def _pd(rate: float) -> str:
+    return f"+model.vision_cfg.patch_dropout={rate}"
+
+
 # Knob combinations screened for the recipes (run only when named: `--variants clip+light+ema,...`).
 COMBOS = {
     "light+ls0.1": ("data.augmentation=light", "loss.label_smoothing=0.1"),
@@ -143,6 +150,22 @@ COMBOS = {
     "light+lr1e-3+cc+ema0.98": _CLIP_CC + ("train.ema_decay=0.98",),
     "light+bias-auto+lr1e-3+cc+ema0.98": _SIGLIP_CC + ("train.ema_decay=0.98",),
     "light+lr1e-3+cc+half+ema0.98": _CLIP_CC + ("train.steps=300", "train.ema_decay=0.98"),
+    # Stronger regularisers on top of the recipes + EMA 0.98, for small training sets seen many times: weight
+    # decay 0.5 (the recipes: 0.2) and patch dropout (FLIP) at several rates.
+    "light+lr1e-3+cc+ema0.98+wd0.5": _CLIP_CC + (_EMA, "optim.weight_decay=0.5"),
+    **{f"light+lr1e-3+cc+ema0.98+pd{rate}": _CLIP_CC + (_EMA, _pd(rate)) for rate in (0.1, 0.15, 0.25, 0.5)},
+    # FLIP's unmasked tuning: patch dropout 0.5, off for the last 20% (the cooldown) or 50% of the steps.
+    **{
+        f"light+lr1e-3+cc+ema0.98+pd0.5+um{share}": _CLIP_CC
+        + (_EMA, _pd(0.5), f"train.unmasked_fraction={share}")
+        for share in (0.2, 0.5)
+    },
+    **{f"light+bias-auto+lr1e-3+cc+pd{rate}": _SIGLIP_CC + (_pd(rate),) for rate in (0.1, 0.25)},
+    "light+bias-auto+lr1e-3+cc+ema0.98+wd0.5": _SIGLIP_CC + (_EMA, "optim.weight_decay=0.5"),
+    **{
+        f"light+bias-auto+lr1e-3+cc+ema0.98+pd{rate}": _SIGLIP_CC + (_EMA, _pd(rate))
+        for rate in (0.1, 0.25, 0.5)
+    },
     # SigLIP's logit scale and bias at 10x the towers' lr (the shared parameters take optim.lr):
     "light+bias-auto+lr1e-3+cc+logit-lr1e-2": _SIGLIP_CC
     + ("optim.lr=1e-2", "optim.image_lr=1e-3", "optim.text_lr=1e-3"),

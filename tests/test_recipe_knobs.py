@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from clipkit.errors import ClipkitError
 from clipkit.losses import ClipLoss, SigLipLoss, auto_init_logit_bias
 from clipkit.models import build_model
-from clipkit.train import Trainer
-from clipkit.train.config import OptimConfig
+from clipkit.train import Trainer, run
+from clipkit.train.config import OptimConfig, TrainConfig
 from clipkit.train.optim import build_optimizer, build_scheduler, lr_factor, resolve_optim_config
 from test_configs import compose_config
 from test_losses import assert_all_close, features, value_and_grads
@@ -253,3 +253,38 @@ def test_trainer_scales_the_lr_for_its_global_batch(tmp_path):
         assert initial == pytest.approx([4e-3] * len(initial))
     finally:
         trainer.close()
+
+
+# -- patch dropout with unmasked tuning (FLIP) ------------------------------------------------------------
+def test_unmasked_tuning_trains_the_last_steps_on_whole_images(tmp_path):
+    from test_train import assert_same_weights, final_weights, metrics
+
+    def train(name: str, *overrides: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+        out = tmp_path / name
+        run(small_config(out, "data.zeroshot_dataset=null", "data.val_shards=null", *overrides))
+        return [r["loss"] for r in metrics(out) if "loss" in r], final_weights(out)
+
+    masked = ("+model.vision_cfg.patch_dropout=0.5",)
+    whole_losses, whole = train("whole")  # no patch dropout at all
+    unmasked_losses, unmasked = train("unmasked", *masked, "train.unmasked_fraction=1.0")
+    dropout_losses, _ = train("dropout", *masked)
+    half_losses, _ = train("half", *masked, "train.unmasked_fraction=0.5")
+    # Unmasked from the first step is training without patch dropout, bit for bit.
+    assert unmasked_losses == whole_losses
+    assert_same_weights(unmasked, whole, atol=0.0)
+    # Half unmasked: the first 3 of the 6 steps are the patch-dropout run's, the last 3 are not.
+    assert dropout_losses != whole_losses
+    assert half_losses[:3] == dropout_losses[:3]
+    assert all(a != b for a, b in zip(half_losses[3:], dropout_losses[3:], strict=True))
+
+
+def test_unmasked_fraction_out_of_range_fails_naming_the_key():
+    with pytest.raises(ClipkitError, match=r"train.unmasked_fraction=1.5 must be in \[0, 1\]"):
+        TrainConfig(unmasked_fraction=1.5)
+
+
+def test_unmasked_fraction_without_patch_dropout_fails_naming_both_keys(tmp_path):
+    with pytest.raises(
+        ClipkitError, match=r"train.unmasked_fraction=0.2 .* \+\+model.vision_cfg.patch_dropout"
+    ):
+        run(small_config(tmp_path / "run", "train.unmasked_fraction=0.2"))

@@ -48,6 +48,9 @@ class TrainConfig:
         0  # with lock_text: top groups left trainable (projection, last block + ln_final, ...)
     )
     ema_decay: float | None = None  # keep an EMA of the weights; it is evaluated and exported as the model
+    # FLIP's unmasked tuning: the last unmasked_fraction of the steps train without patch dropout
+    # (model.vision_cfg.patch_dropout), so the model ends on the whole images it is evaluated on.
+    unmasked_fraction: float = 0.0
     wise_ft_alpha: float | None = None  # also export (1 - alpha) * start + alpha * final weights (WiSE-FT)
     eval_at_start: bool = False  # evaluate before the first step (the baseline for forgetting)
     # Evaluations while training: [{type: zeroshot|retrieval|linear_probe, dataset: DIR, name: NAME, every: STEPS}],
@@ -77,6 +80,10 @@ class TrainConfig:
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ClipkitError(
                 f"train.ema_decay={self.ema_decay} must be in [0, 1), e.g. 0.999 (null: no EMA)"
+            )
+        if not 0.0 <= self.unmasked_fraction <= 1.0:
+            raise ClipkitError(
+                f"train.unmasked_fraction={self.unmasked_fraction} must be in [0, 1] (0: patch dropout to the end)"
             )
         if self.wise_ft_alpha is not None and not 0.0 <= self.wise_ft_alpha <= 1.0:
             raise ClipkitError(

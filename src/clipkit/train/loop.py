@@ -194,6 +194,16 @@ class Trainer:
             model, self.accelerator, self.optim_cfg, self.train_cfg.steps
         )
         self.unwrapped = self.plan.unwrapped
+        # FLIP's unmasked tuning: patch dropout off for the last train.unmasked_fraction of the steps.
+        self.patch_dropouts = patch_dropout_modules(self.unwrapped)
+        if self.train_cfg.unmasked_fraction > 0 and not self.patch_dropouts:
+            raise ClipkitError(
+                f"train.unmasked_fraction={self.train_cfg.unmasked_fraction} turns off patch dropout, but the image "
+                "tower has none: set ++model.vision_cfg.patch_dropout=0.5 or drop train.unmasked_fraction"
+            )
+        self.unmasked_from = self.train_cfg.steps - round(
+            self.train_cfg.unmasked_fraction * self.train_cfg.steps
+        )
         log.info("parallelism: %s, precision: %s", self.plan.name, self.train_cfg.precision)
         if self.train_cfg.compile:  # after wrapping, so DDP / FSDP hooks and communication are in the graph
             self.model.compile()
@@ -337,6 +347,9 @@ class Trainer:
         else the loss as a 0-d device tensor.
         """
         log_step = self._is_log_step(self.state.step + 1)
+        if self.state.step >= self.unmasked_from:  # a function of the step, so a resumed run agrees
+            for module in self.patch_dropouts:
+                module.prob = 0.0
         micro_batches = [self.to_device(images, tokens) for images, tokens in micro_batches]
         self.model.train()
         loss = contrastive_backward(
@@ -533,6 +546,11 @@ def _with_resolved_logit_bias(cfg: DictConfig, loss_fn, global_batch: int) -> Di
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.loss.init_logit_bias = loss_fn.init_logit_bias
     return cfg
+
+
+def patch_dropout_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's patch dropout (FLIP) layers: open_clip's and timm's PatchDropout, each with a `prob`."""
+    return [m for m in model.modules() if type(m).__name__ == "PatchDropout" and hasattr(m, "prob")]
 
 
 def _configure_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
