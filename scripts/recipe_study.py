@@ -147,9 +147,9 @@ COMBOS = {
     "light+lr1e-3+cc+t0.1": _CLIP_CC + ("loss.init_logit_scale=2.302585092994046",),
     "light+bias-auto+lr1e-3+cc+ema": _SIGLIP_CC + ("train.ema_decay=0.995",),
     # A shorter average (~50 steps instead of ~200): EMA 0.995 lags a model still learning fast at the end.
-    "light+lr1e-3+cc+ema0.98": _CLIP_CC + ("train.ema_decay=0.98",),
-    "light+bias-auto+lr1e-3+cc+ema0.98": _SIGLIP_CC + ("train.ema_decay=0.98",),
-    "light+lr1e-3+cc+half+ema0.98": _CLIP_CC + ("train.steps=300", "train.ema_decay=0.98"),
+    "light+lr1e-3+cc+ema0.98": _CLIP_CC + (_EMA,),
+    "light+bias-auto+lr1e-3+cc+ema0.98": _SIGLIP_CC + (_EMA,),
+    "light+lr1e-3+cc+half+ema0.98": _CLIP_CC + ("train.steps=300", _EMA),
     # Stronger regularisers on top of the recipes + EMA 0.98, for small training sets seen many times: weight
     # decay 0.5 (the recipes: 0.2) and patch dropout (FLIP) at several rates.
     "light+lr1e-3+cc+ema0.98+wd0.5": _CLIP_CC + (_EMA, "optim.weight_decay=0.5"),
