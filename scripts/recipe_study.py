@@ -166,6 +166,22 @@ COMBOS = {
         f"light+bias-auto+lr1e-3+cc+ema0.98+pd{rate}": _SIGLIP_CC + (_EMA, _pd(rate))
         for rate in (0.1, 0.25, 0.5)
     },
+    # The optimizer on top of the recipes of 2026-12-04 (the CLIP recipe at 300 steps, SigLIP's at 600), for the
+    # shapes' two gaps: Adam's beta2 0.95 (the recipes: 0.98), no weight decay (0.2), gradients clipped at norm 1
+    # with a larger lr, and the image tower alone at 2x the lr (shape is read from the image).
+    **{
+        f"{name}+{knob}": base + overrides
+        for name, base in (
+            ("light+lr1e-3+cc+ema0.98+pd0.1+half", _CLIP_CC + (_EMA, _pd(0.1), "train.steps=300")),
+            ("light+bias-auto+lr1e-3+cc+pd0.25", _SIGLIP_CC + (_pd(0.25),)),
+        )
+        for knob, overrides in (
+            ("b95", ("optim.betas=[0.9,0.95]",)),
+            ("wd0", ("optim.weight_decay=0",)),
+            ("gc1+lr3e-3", ("optim.grad_clip_norm=1.0", "optim.lr=3e-3")),
+            ("img-lr2e-3", ("optim.image_lr=2e-3",)),
+        )
+    },
     # SigLIP's logit scale and bias at 10x the towers' lr (the shared parameters take optim.lr):
     "light+bias-auto+lr1e-3+cc+logit-lr1e-2": _SIGLIP_CC
     + ("optim.lr=1e-2", "optim.image_lr=1e-3", "optim.text_lr=1e-3"),
